@@ -1,0 +1,88 @@
+"""python -m app [serve] [--host H] [--port P] | migrate | otp enable (--email A | --all) | otp cleanup"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from app.settings import SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Computer Shop accounts")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="serve the app (the default)")
+    for p in (parser, serve):
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--workers", type=int, default=1)
+    sub.add_parser("migrate", help="apply migrations to DATABASE_URL")
+    otp = sub.add_parser("otp", help="one-time code administration")
+    otp_sub = otp.add_subparsers(dest="otp_command", required=True)
+    enable = otp_sub.add_parser("enable", help="turn sign-in codes on for existing customers")
+    who = enable.add_mutually_exclusive_group(required=True)
+    who.add_argument("--email")
+    who.add_argument("--all", action="store_true")
+    otp_sub.add_parser("cleanup", help="delete expired and used codes now")
+    return parser
+
+
+async def _otp(args: argparse.Namespace) -> int:
+    from app.auth.queries import set_otp
+    from app.clock import SystemClock
+    from app.database import make_database
+    from app.otp.cleanup import cleanup
+
+    settings = load_settings()
+    db = make_database(settings)
+    await db.connect()
+    try:
+        if args.otp_command == "enable":
+            changed = await set_otp(db, enabled=True, email=None if args.all else args.email)
+            target = "every customer" if args.all else args.email
+            print(f"OTP enabled for {changed} customer(s) ({target}); already on: not counted.")
+            if not args.all and changed == 0:
+                from app.auth.queries import find_customer
+
+                if await find_customer(db, login=args.email) is None:
+                    print(f"No customer has the email {args.email}.", file=sys.stderr)
+                    return 1
+        else:
+            deleted = await cleanup(db, now=SystemClock().now())
+            print(f"Deleted {deleted} finished code(s); their counts are kept in otp_stats.")
+    finally:
+        await db.disconnect()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "migrate":
+        from app.database import migrate
+
+        migrate(settings.database_url)
+        print("database is up to date")
+        return 0
+    if args.command == "otp":
+        return asyncio.run(_otp(args))
+    if settings.is_development and settings.is_sqlite:
+        from app.database import migrate
+
+        migrate(settings.database_url)  # the embedded database keeps itself up to date
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:app", host=args.host, port=args.port, workers=args.workers,
+        proxy_headers=False, server_header=False, log_level="info",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

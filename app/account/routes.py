@@ -1,0 +1,32 @@
+"""Dashboard: who you are, your sign-in codes setting, recent sign-ins, active sessions."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.auth import queries, sessions
+from app.htmx import redirect
+from app.services import services
+from app.templating import render
+
+
+async def dashboard(request: Request) -> Response:
+    signed = await sessions.current(request)
+    if signed is None:
+        return redirect(request, "/login")
+    svc = services(request)
+    current, customer = signed
+    ctx = {
+        "customer": customer,
+        "current_session": current.id,
+        "sign_ins": await queries.recent_sign_ins(svc.db, customer.id),
+        "active": await queries.active_sessions(
+            svc.db, customer.id, now=svc.clock.now(), idle=svc.settings.session_idle_timeout
+        ),
+    }
+    return render(request, "account/dashboard.html", ctx)
+
+
+routes = [Route("/dashboard", dashboard, methods=["GET"], name="account:dashboard")]

@@ -1,0 +1,35 @@
+"""Auth events: one structured log line and one `auth_events` row each."""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import datetime
+
+from databases import Database
+
+from app.tables import auth_events
+
+log = logging.getLogger("app.audit")
+EVENTS = {
+    "registered", "code_sent", "code_failed", "locked", "verified", "signed_in",
+    "signed_out", "session_revoked", "password_failed", "resend_refused",
+}
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def safe(value: object) -> str:
+    """User-controlled text for a log line: CR, LF and other controls escaped."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+async def record(
+    db: Database, event: str, *, customer_id: int | None, ip: str, user_agent: str, now: datetime
+) -> None:
+    """Log and store one auth event (UTC time)."""
+    assert event in EVENTS, event
+    ua = user_agent[:255]
+    log.info("auth event=%s customer=%s ip=%s time=%s ua=%s", event, customer_id, safe(ip), now.isoformat(), safe(ua))
+    await db.execute(
+        auth_events.insert().values(customer_id=customer_id, event=event, ip=ip[:45], user_agent=ua, created_at=now)
+    )

@@ -1,0 +1,444 @@
+"""Register, sign in, the code step, resend, sign out. Thin: validation in forms.py, rules in
+app/otp, SQL in queries.py; endpoints do the I/O and choose page or fragment."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from functools import wraps
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app import audit, otp
+from app.auth import forms, queries, sessions
+from app.auth.queries import Customer
+from app.htmx import redirect, wants_fragment
+from app.mail import outbox
+from app.security import check_password, csrf_ok, hash_password
+from app.services import Services, ip_of, services, ua_of
+from app.templating import render
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+# --- guards ------------------------------------------------------------------------------
+
+
+def guarded(scope: str) -> Callable[[Endpoint], Endpoint]:
+    """CSRF and Origin check, then the per-address rate limit, before the endpoint runs."""
+
+    def decorate(endpoint: Endpoint) -> Endpoint:
+        @wraps(endpoint)
+        async def wrapper(request: Request) -> Response:
+            if not await csrf_ok(request):
+                return render(request, "errors/403.html", status=403)
+            wait = await services(request).limiter.hit(scope, ip_of(request))
+            if wait:
+                return render(
+                    request, "errors/429.html", {"retry_after": wait}, status=429, headers={"Retry-After": str(wait)}
+                )
+            return await endpoint(request)
+
+        wrapper.csrf_protected = True  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def minutes(seconds: int) -> int:
+    return max(1, math.ceil(seconds / 60))
+
+
+# --- registration ------------------------------------------------------------------------
+
+
+async def register_form(request: Request) -> Response:
+    return render(request, "auth/register.html", {"form": forms.Form()})
+
+
+@guarded("register")
+async def register_submit(request: Request) -> Response:
+    svc = services(request)
+    form = forms.registration(dict(await request.form()))
+    if not form.ok:
+        return render(request, "auth/register.html", {"form": form}, status=422)
+    data = await request.form()
+    password_hash = await hash_password(str(data["password"]))  # paid whatever happens next
+    email, username = form.values["email"], form.values["username"]
+    now, nonce = svc.clock.now(), secrets.token_urlsafe(24)
+    sent_to = forms.mask_email(email)
+    ip, ua = ip_of(request), ua_of(request)
+
+    by_email, by_username = await queries.find_conflict(svc.db, email=email, username=username)
+    challenge_id: int | None = None
+    if by_email is None and by_username is None:
+        try:
+            async with svc.db.transaction():
+                customer_id = await queries.create_customer(
+                    svc.db, username=username, email=email, full_name=form.values["full_name"],
+                    password_hash=password_hash, now=now,
+                )
+                issued = await otp.issue(
+                    svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer_id,
+                    purpose=otp.Purpose.REGISTRATION, nonce=nonce, sent_to=sent_to,
+                )
+                await outbox.enqueue(
+                    svc.db, svc.sealer, kind="registration_code", recipient=email, now=now,
+                    customer_id=customer_id, challenge_id=issued.challenge_id, expires_at=issued.expires_at,
+                    context={"name": form.values["full_name"], "code": issued.code,
+                             "minutes": minutes(svc.policy.registration_ttl)},
+                )
+            challenge_id = issued.challenge_id
+            svc.mailer.notify()
+            await audit.record(svc.db, "registered", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
+            await audit.record(svc.db, "code_sent", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
+        except IntegrityError:
+            # A double submit or a race with another registration: answered like any duplicate.
+            by_email, by_username = await queries.find_conflict(svc.db, email=email, username=username)
+    if challenge_id is None:
+        challenge_id = await _decoy(svc, email=email, by_email=by_email, by_username=by_username,
+                                    nonce=nonce, sent_to=sent_to, username=username)
+    sessions.start_pending(request, challenge_id=challenge_id, nonce=nonce)
+    return await _code_step_after_post(request)
+
+
+async def _decoy(
+    svc: Services, *, email: str, by_email: Customer | None, by_username: Customer | None,
+    nonce: str, sent_to: str, username: str,
+) -> int:
+    """The address or username exists: the same visible answer as a new account, and a
+    notice to the address instead of a code (at most one per cooldown per owner)."""
+    now = svc.clock.now()
+    owner = by_email
+    challenge_id = await otp.stand_in(
+        svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=owner.id if owner else None,
+        purpose=otp.Purpose.REGISTRATION, nonce=nonce, sent_to=sent_to, kind=otp.DECOY,
+    )
+    if owner is not None:
+        if not await _recent_decoy_mail(svc, recipient=owner.email, now=now, exclude=challenge_id):
+            await outbox.enqueue(
+                svc.db, svc.sealer, kind="account_exists", recipient=owner.email, now=now,
+                customer_id=owner.id, challenge_id=challenge_id,
+                context={"name": owner.full_name or owner.username or "", "username": owner.username or ""},
+            )
+    elif not await _recent_decoy_mail(svc, recipient=email, now=now, exclude=challenge_id):
+        await outbox.enqueue(
+            svc.db, svc.sealer, kind="username_taken", recipient=email, now=now,
+            challenge_id=challenge_id, context={"username": username},
+        )
+    svc.mailer.notify()
+    return challenge_id
+
+
+async def _recent_decoy_mail(svc: Services, *, recipient: str, now: datetime, exclude: int) -> bool:
+    import sqlalchemy as sa
+
+    from app.tables import mail_outbox as o
+
+    since = now - timedelta(seconds=svc.policy.resend_cooldown)
+    found = await svc.db.fetch_val(
+        sa.select(sa.func.count()).select_from(o).where(
+            o.c.recipient == recipient, o.c.kind.in_(("account_exists", "username_taken")), o.c.created_at > since
+        )
+    )
+    return bool(found)
+
+
+# --- sign-in -----------------------------------------------------------------------------
+
+
+async def login_form(request: Request) -> Response:
+    return render(request, "auth/login.html", {"form": forms.Form()})
+
+
+@guarded("login")
+async def login_submit(request: Request) -> Response:
+    svc = services(request)
+    data = dict(await request.form())
+    form = forms.login(data)
+    if not form.ok:
+        return render(request, "auth/login.html", {"form": form}, status=422)
+    ip, ua = ip_of(request), ua_of(request)
+    customer = await queries.find_customer(svc.db, login=form.values["login"])
+    ok, rehash = await check_password(customer.password_hash if customer else None, str(data["password"]))
+    now = svc.clock.now()
+    if not ok or customer is None:
+        await audit.record(svc.db, "password_failed", customer_id=customer.id if customer else None,
+                           ip=ip, user_agent=ua, now=now)
+        form.errors["form"] = "That username or email and password do not match an account."
+        return render(request, "auth/login.html", {"form": form}, status=422)
+    if rehash:
+        await queries.set_password_hash(svc.db, customer.id, await hash_password(str(data["password"])))
+
+    if customer.email_verified_at is not None and not customer.otp_enabled:
+        await sessions.sign_in(request, customer, ip=ip, user_agent=ua)
+        await audit.record(svc.db, "signed_in", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+        return redirect(request, "/dashboard")
+
+    purpose = otp.Purpose.REGISTRATION if customer.email_verified_at is None else otp.Purpose.LOGIN
+    nonce = secrets.token_urlsafe(24)
+    challenge_id = await _send_code(svc, customer, purpose=purpose, nonce=nonce, ip=ip, ua=ua)
+    sessions.start_pending(request, challenge_id=challenge_id, nonce=nonce)
+    return await _code_step_after_post(request)
+
+
+async def _send_code(svc: Services, customer: Customer, *, purpose: otp.Purpose, nonce: str, ip: str, ua: str) -> int:
+    """Issue and queue a code; inside the cooldown, hand over the open one or a placeholder."""
+    now = svc.clock.now()
+    sent_to = forms.mask_email(customer.email)
+    ttl = svc.policy.ttl(purpose)
+    try:
+        async with svc.db.transaction():
+            issued = await otp.issue(
+                svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
+                purpose=purpose, nonce=nonce, sent_to=sent_to,
+            )
+            await outbox.enqueue(
+                svc.db, svc.sealer, now=now, recipient=customer.email, customer_id=customer.id,
+                kind="registration_code" if purpose is otp.Purpose.REGISTRATION else "login_code",
+                challenge_id=issued.challenge_id, expires_at=issued.expires_at,
+                context={"name": customer.full_name or customer.username or "", "code": issued.code,
+                         "minutes": minutes(ttl)},
+            )
+    except otp.Cooldown:
+        reused = await otp.rebind_open(svc.db, keys=svc.keys, customer_id=customer.id, purpose=purpose,
+                                       nonce=nonce, now=now)
+        if reused is not None:
+            return reused
+        return await otp.stand_in(
+            svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
+            purpose=purpose, nonce=nonce, sent_to=sent_to, kind=otp.PLACEHOLDER,
+        )
+    svc.mailer.notify()
+    await audit.record(svc.db, "code_sent", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+    return issued.challenge_id
+
+
+# --- the code step -----------------------------------------------------------------------
+
+
+async def _load(request: Request) -> otp.Challenge | None:
+    p = sessions.pending(request)
+    if p is None:
+        return None
+    svc = services(request)
+    return await otp.load_challenge(svc.db, keys=svc.keys, challenge_id=p["c"], nonce=p["n"])
+
+
+async def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> dict[str, Any]:
+    svc = services(request)
+    now = svc.clock.now()
+    if challenge.kind == otp.CODE or (challenge.kind == otp.PLACEHOLDER and challenge.last_sent_at):
+        wait = otp.engine._left(challenge.last_sent_at, svc.policy.resend_cooldown, now)
+    else:
+        wait = otp.engine._left(challenge.created_at, svc.policy.resend_cooldown, now)
+    locked = challenge.locked_until if challenge.locked_until and challenge.locked_until > now else None
+    state = await outbox.delivery_state(svc.db, challenge_id=challenge.id) if challenge.kind != otp.PLACEHOLDER else None
+    if challenge.kind == otp.DECOY and state is None:
+        state = outbox.SENT  # no mail went out (cooldown): shaped like a sent one
+    ctx: dict[str, Any] = {
+        "challenge": challenge,
+        "sent_to": challenge.sent_to,
+        "purpose": challenge.purpose.value,
+        "resend_wait": wait,
+        "asked_at": challenge.created_at,
+        "expires_at": challenge.expires_at,
+        "expired": challenge.expires_at <= now,
+        "locked_until": locked,
+        "delivery": state,
+        "placeholder": challenge.kind == otp.PLACEHOLDER,
+        "error": None,
+        "notice": None,
+    }
+    ctx.update(extra)
+    return ctx
+
+
+async def _code_step_after_post(request: Request) -> Response:
+    """After register or sign-in: htmx gets the code step in place, a plain browser a 303."""
+    if not wants_fragment(request):
+        return redirect(request, "/verify")
+    challenge = await _load(request)
+    assert challenge is not None
+    ctx = await _step_context(request, challenge, announce=True)
+    return render(request, "auth/verify.html", ctx, headers={"HX-Push-Url": "/verify"})
+
+
+async def verify_form(request: Request) -> Response:
+    challenge = await _load(request)
+    if challenge is None:
+        return redirect(request, "/login")
+    return render(request, "auth/verify.html", await _step_context(request, challenge))
+
+
+MESSAGES = {
+    "invalid": "This code has been replaced by a newer one or already used. Use the newest code, or request a new one.",
+    "dead": "Too many wrong entries for this code. Request a new code.",
+    "expired": "This code has expired. Request a new one.",
+}
+
+
+@guarded("verify")
+async def verify_submit(request: Request) -> Response:
+    svc = services(request)
+    challenge = await _load(request)
+    if challenge is None:
+        return redirect(request, "/login")
+    code, problem = forms.code(dict(await request.form()))
+    if code is None:
+        ctx = await _step_context(request, challenge, error=problem)
+        return render(request, "auth/verify.html", ctx, status=422)
+    verdict = await otp.verify(svc.db, keys=svc.keys, policy=svc.policy, now=svc.clock.now(), challenge=challenge,
+                               code=code)
+    ip, ua, now = ip_of(request), ua_of(request), svc.clock.now()
+    if verdict.status == "verified" and verdict.customer_id is not None:
+        customer = await queries.get_customer(svc.db, verdict.customer_id)
+        assert customer is not None
+        if verdict.purpose is otp.Purpose.REGISTRATION:
+            await queries.mark_verified(svc.db, customer.id, now)
+        await sessions.sign_in(request, customer, ip=ip, user_agent=ua)
+        await audit.record(svc.db, "verified", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+        await audit.record(svc.db, "signed_in", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+        return redirect(request, "/dashboard")
+
+    if challenge.kind != otp.DECOY and challenge.customer_id is not None and verdict.status in ("wrong", "locked"):
+        await audit.record(svc.db, "code_failed", customer_id=challenge.customer_id, ip=ip, user_agent=ua, now=now)
+        if verdict.status == "locked" and verdict.customer_id is not None:
+            await audit.record(svc.db, "locked", customer_id=challenge.customer_id, ip=ip, user_agent=ua, now=now)
+    if verdict.status == "wrong":
+        left = verdict.attempts_left
+        error = f"That code is not right. {left} {'attempt' if left == 1 else 'attempts'} left."
+    elif verdict.status == "locked":
+        error = "Too many wrong codes. For your safety, codes are paused until the time below."
+    else:
+        error = MESSAGES[verdict.status]
+    fresh = await _load(request)
+    ctx = await _step_context(request, fresh or challenge, error=error)
+    if verdict.status == "locked":
+        ctx["locked_until"] = verdict.locked_until
+    return render(request, "auth/verify.html", ctx, status=422)
+
+
+@guarded("resend")
+async def resend(request: Request) -> Response:
+    svc = services(request)
+    challenge = await _load(request)
+    p = sessions.pending(request)
+    if challenge is None or p is None:
+        return redirect(request, "/login")
+    now, ip, ua = svc.clock.now(), ip_of(request), ua_of(request)
+    if challenge.locked_until and challenge.locked_until > now:
+        ctx = await _step_context(request, challenge, error="Codes are paused until the time below.")
+        return render(request, "auth/verify.html", ctx, status=422)
+
+    if challenge.kind == otp.DECOY:
+        wait = otp.engine._left(challenge.created_at, svc.policy.resend_cooldown, now)
+        if wait:
+            return await _cooldown(request, challenge, wait)
+        owner = await queries.get_customer(svc.db, challenge.customer_id) if challenge.customer_id else None
+        new_id = await otp.stand_in(
+            svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=challenge.customer_id,
+            purpose=challenge.purpose, nonce=p["n"], sent_to=challenge.sent_to, kind=otp.DECOY,
+        )
+        if owner is not None and not await _recent_decoy_mail(svc, recipient=owner.email, now=now, exclude=new_id):
+            await outbox.enqueue(
+                svc.db, svc.sealer, kind="account_exists", recipient=owner.email, now=now, customer_id=owner.id,
+                challenge_id=new_id, context={"name": owner.full_name or owner.username or "",
+                                              "username": owner.username or ""},
+            )
+            svc.mailer.notify()
+    else:
+        assert challenge.customer_id is not None
+        customer = await queries.get_customer(svc.db, challenge.customer_id)
+        assert customer is not None
+        try:
+            async with svc.db.transaction():
+                issued = await otp.issue(
+                    svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
+                    purpose=challenge.purpose, nonce=p["n"], sent_to=challenge.sent_to,
+                )
+                await outbox.enqueue(
+                    svc.db, svc.sealer, now=now, recipient=customer.email, customer_id=customer.id,
+                    kind="registration_code" if challenge.purpose is otp.Purpose.REGISTRATION else "login_code",
+                    challenge_id=issued.challenge_id, expires_at=issued.expires_at,
+                    context={"name": customer.full_name or customer.username or "", "code": issued.code,
+                             "minutes": minutes(svc.policy.ttl(challenge.purpose))},
+                )
+        except otp.Cooldown as exc:
+            await audit.record(svc.db, "resend_refused", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+            return await _cooldown(request, challenge, exc.retry_after)
+        svc.mailer.notify()
+        await audit.record(svc.db, "code_sent", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+        new_id = issued.challenge_id
+    sessions.set_pending_challenge(request, new_id)
+    if not wants_fragment(request):
+        return redirect(request, "/verify")
+    fresh = await _load(request)
+    assert fresh is not None
+    ctx = await _step_context(request, fresh, notice="A new code is on its way. Earlier codes no longer work.",
+                              announce=True)
+    return render(request, "auth/verify.html", ctx)
+
+
+async def _cooldown(request: Request, challenge: otp.Challenge, wait: int) -> Response:
+    ctx = await _step_context(request, challenge, resend_wait=wait,
+                              error=f"Please wait {wait} seconds before asking for another code.")
+    return render(request, "auth/verify.html", ctx, status=429, headers={"Retry-After": str(wait)})
+
+
+async def delivery(request: Request) -> Response:
+    """The mail's delivery state, polled by the code step while it is not final."""
+    challenge = await _load(request)
+    if challenge is None:
+        return Response(status_code=204)
+    ctx = await _step_context(request, challenge)
+    return render(request, "auth/verify.html", ctx, block="delivery", fragment=True)
+
+
+# --- sign-out ----------------------------------------------------------------------------
+
+
+@guarded("logout")
+async def logout(request: Request) -> Response:
+    svc = services(request)
+    signed = await sessions.current(request)
+    if signed is not None:
+        now = svc.clock.now()
+        await queries.revoke_session(svc.db, signed[0].id, now)
+        await audit.record(svc.db, "signed_out", customer_id=signed[1].id, ip=ip_of(request),
+                           user_agent=ua_of(request), now=now)
+    request.session.clear()
+    return redirect(request, "/login?signed_out=1")
+
+
+@guarded("logout")
+async def logout_everywhere(request: Request) -> Response:
+    svc = services(request)
+    signed = await sessions.current(request)
+    if signed is not None:
+        now = svc.clock.now()
+        await queries.revoke_all(svc.db, signed[1].id, now)
+        await audit.record(svc.db, "session_revoked", customer_id=signed[1].id, ip=ip_of(request),
+                           user_agent=ua_of(request), now=now)
+    request.session.clear()
+    return redirect(request, "/login?signed_out=all")
+
+
+routes = [
+    Route("/register", register_form, methods=["GET"], name="auth:register"),
+    Route("/register", register_submit, methods=["POST"], name="auth:register_submit"),
+    Route("/login", login_form, methods=["GET"], name="auth:login"),
+    Route("/login", login_submit, methods=["POST"], name="auth:login_submit"),
+    Route("/verify", verify_form, methods=["GET"], name="auth:verify"),
+    Route("/verify", verify_submit, methods=["POST"], name="auth:verify_submit"),
+    Route("/verify/resend", resend, methods=["POST"], name="auth:resend"),
+    Route("/verify/delivery", delivery, methods=["GET"], name="auth:delivery"),
+    Route("/logout", logout, methods=["POST"], name="auth:logout"),
+    Route("/logout/everywhere", logout_everywhere, methods=["POST"], name="auth:logout_everywhere"),
+]

@@ -1,0 +1,85 @@
+"""The cookie side of sessions: ids only (pending challenge + nonce, or the signed-in
+session's token), a fresh session on every privilege change, and the server-side check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+
+from app.auth import queries
+from app.auth.queries import Customer, SessionRow
+from app.security import sha256_hex, token
+from app.services import services
+
+TOUCH_EVERY = 60  # seconds between last-seen writes, so reads stay reads
+
+
+def start_pending(request: Request, *, challenge_id: int, nonce: str) -> None:
+    """Password (or registration form) accepted: a new session that holds only the pending step."""
+    request.session.clear()
+    request.session["csrf"] = token()
+    request.session["pending"] = {"c": challenge_id, "n": nonce}
+
+
+def pending(request: Request) -> dict[str, Any] | None:
+    value = request.session.get("pending")
+    if isinstance(value, dict) and isinstance(value.get("c"), int) and isinstance(value.get("n"), str):
+        return value
+    return None
+
+
+def set_pending_challenge(request: Request, challenge_id: int) -> None:
+    p = pending(request)
+    if p is not None:
+        request.session["pending"] = {"c": challenge_id, "n": p["n"]}
+
+
+async def sign_in(request: Request, customer: Customer, *, ip: str, user_agent: str) -> None:
+    """A new session row and a new cookie session that carries its token."""
+    svc = services(request)
+    sid = token()
+    now = svc.clock.now()
+    await queries.create_session(
+        svc.db,
+        session_hash=sha256_hex(sid),
+        customer_id=customer.id,
+        version=customer.session_version,
+        ip=ip,
+        user_agent=user_agent,
+        now=now,
+    )
+    request.session.clear()
+    request.session["csrf"] = token()
+    request.session["sid"] = sid
+    request.session["at"] = int(now.timestamp())
+
+
+async def current(request: Request) -> tuple[SessionRow, Customer] | None:
+    """The signed-in customer, checked against the database on every request."""
+    cached = getattr(request.state, "signed_in", False)
+    if cached is not False:
+        return cached  # type: ignore[no-any-return]
+    result = None
+    sid = request.session.get("sid")
+    if isinstance(sid, str):
+        svc = services(request)
+        now = svc.clock.now()
+        result = await queries.load_session(
+            svc.db,
+            session_hash=sha256_hex(sid),
+            now=now,
+            idle=svc.settings.session_idle_timeout,
+            absolute=svc.settings.session_absolute_timeout,
+        )
+        if result is None:
+            request.session.pop("sid", None)
+        elif (now - result[0].last_seen_at).total_seconds() >= TOUCH_EVERY:
+            await queries.touch_session(svc.db, result[0].id, now)
+    request.state.signed_in = result
+    return result
+
+
+def session_hash(request: Request) -> str | None:
+    sid = request.session.get("sid")
+    return sha256_hex(sid) if isinstance(sid, str) else None

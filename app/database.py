@@ -1,0 +1,70 @@
+"""The shared `databases.Database`, migrations, and the few SQL helpers every feature uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from databases import Database
+from databases.core import Connection
+from sqlalchemy.sql import ClauseElement
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_database(settings: Settings) -> Database:
+    """A Database for DATABASE_URL, with sensible pool and lock-wait options per backend."""
+    if settings.is_sqlite:
+        return Database(settings.database_url, timeout=30)
+    return Database(
+        settings.database_url,
+        min_size=1,
+        max_size=settings.db_pool_size,
+        pool_recycle=3600,
+        charset="utf8mb4",
+        autocommit=True,
+    )
+
+
+def sync_url(url: str) -> str:
+    """The synchronous twin of an async URL (Alembic runs synchronously)."""
+    return url.replace("sqlite+aiosqlite://", "sqlite://").replace("mysql+aiomysql://", "mysql+pymysql://")
+
+
+def migrate(database_url: str, revision: str = "head") -> None:
+    """Apply migrations/ to the database (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(ROOT / "migrations"))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    command.upgrade(config, revision)
+
+
+async def execute_count(conn: Connection, query: ClauseElement) -> int:
+    """Run an UPDATE or DELETE and return how many rows it changed.
+
+    `databases` returns lastrowid from execute(); the row count comes from the same
+    connection right after, which is what makes guarded updates usable as atomic
+    compare-and-set across workers.
+    """
+    await conn.execute(query)
+    dialect = conn._connection._dialect.name  # type: ignore[attr-defined]
+    sql = "SELECT changes()" if dialect == "sqlite" else "SELECT ROW_COUNT()"
+    return int(await conn.fetch_val(sql) or 0)
+
+
+async def ping(db: Database) -> bool:
+    """True when the database answers."""
+    try:
+        return (await db.fetch_val("SELECT 1")) == 1
+    except Exception:
+        return False
+
+
+def row(record: Any) -> dict[str, Any]:
+    """A database record as a plain dict."""
+    return dict(record._mapping)

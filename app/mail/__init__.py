@@ -1,0 +1,1 @@
+"""Mail: messages rendered from templates, a transactional outbox, SMTP and console transports."""

@@ -1,0 +1,215 @@
+"""The ASGI application: create_app(settings) wires settings, database, mail and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pymysql
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import otp
+from app.account.routes import routes as account_routes
+from app.auth import sessions
+from app.auth.routes import routes as auth_routes
+from app.clock import Clock, ShiftedClock, SystemClock
+from app.database import ROOT, make_database, ping
+from app.dev.routes import dev_routes, test_routes
+from app.logs import configure_logging
+from app.mail.dispatcher import Dispatcher
+from app.mail.outbox import Sealer
+from app.mail.transport import ConsoleTransport, SmtpTransport, Transport
+from app.otp.cleanup import run_cleanup_forever
+from app.ratelimit import RateLimiter
+from app.security import SecurityHeadersMiddleware, derive_key
+from app.services import Services
+from app.settings import Settings, load_settings
+from app.templating import render
+
+log = logging.getLogger("app")
+DB_DOWN = (OSError, ConnectionError, pymysql.err.OperationalError, pymysql.err.InterfaceError, sqlite3.OperationalError)
+
+
+def make_transport(settings: Settings) -> Transport:
+    if settings.smtp_host:
+        return SmtpTransport(
+            settings.smtp_host, settings.smtp_port, username=settings.smtp_username, password=settings.smtp_password,
+            security=settings.smtp_security, timeout=settings.smtp_timeout, size=settings.smtp_pool_size,
+        )
+    return ConsoleTransport()
+
+
+async def home(request: Request) -> Response:
+    signed = await sessions.current(request)
+    return render(request, "home.html", {"signed_in": signed is not None})
+
+
+async def healthz(request: Request) -> Response:
+    ok = await ping(request.state.db)
+    return JSONResponse({"database": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 404
+    if status == 405:
+        return render(request, "errors/405.html", status=405)
+    return render(request, "errors/404.html", status=status)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, DB_DOWN):
+        log.error("database unavailable: %s", type(exc).__name__)
+        return _plain_error("errors/503.html", 503, request)
+    return _plain_error("errors/500.html", 500, request)
+
+
+def _plain_error(name: str, status: int, request: Request) -> Response:
+    # The session may be unreadable here: render without touching it.
+    from app.htmx import wants_fragment
+    from app.templating import env
+
+    ctx: dict[str, Any] = {"request": request, "csrf_token": "", "dev": False}
+    if wants_fragment(request):
+        from jinja2_fragments import render_block
+
+        html = render_block(env, name, "main", ctx)
+    else:
+        html = env.get_template(name).render(ctx)
+    headers = {"Retry-After": "30"} if status == 503 else None
+    return HTMLResponse(html, status_code=status, headers=headers)
+
+
+class ErrorPageMiddleware:
+    """Any unhandled error becomes the friendly 500 page, inside the security headers."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            log.exception("unhandled %s on %s", type(exc).__name__, scope.get("path"))
+            if started:
+                raise
+            response = await server_error(Request(scope), exc)
+            await response(scope, receive, send)
+
+
+async def loop_monitor(interval: float = 0.005) -> None:
+    """Bench aid (LOOP_MONITOR=1): logs the longest event-loop stall every 10 s."""
+    worst, since = 0.0, time.monotonic()
+    while True:
+        start = time.monotonic()
+        await asyncio.sleep(interval)
+        worst = max(worst, time.monotonic() - start - interval)
+        if time.monotonic() - since >= 10:
+            log.warning("loop-monitor max_stall_ms=%.1f", worst * 1000)
+            worst, since = 0.0, time.monotonic()
+
+
+def create_app(settings: Settings | None = None, *, transport: Transport | None = None,
+               clock: Clock | None = None) -> Starlette:
+    """Build the application. Tests pass their own settings, mail transport and clock."""
+    settings = settings or load_settings()
+    configure_logging(settings)
+    if clock is None:
+        clock = ShiftedClock() if settings.is_test else SystemClock()
+    db = make_database(settings)
+    keys = otp.Keys(code=derive_key(settings.secret_key, "otp-code"), binding=derive_key(settings.secret_key, "otp-binding"))
+    sealer = Sealer(derive_key(settings.secret_key, "mail-outbox"))
+    mailer = Dispatcher(
+        db, transport or make_transport(settings), sealer, clock, sender=settings.mail_from,
+        max_tries=settings.mail_max_tries, concurrency=settings.smtp_pool_size,
+        console_fallback=settings.is_development and transport is None and bool(settings.smtp_host),
+    )
+    services = Services(
+        settings=settings, db=db, clock=clock, keys=keys, policy=otp.OtpPolicy.from_settings(settings),
+        sealer=sealer, mailer=mailer, limiter=RateLimiter(settings.rate_limit_storage, settings.rate_limit),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        await db.connect()
+        if settings.is_sqlite:
+            with contextlib.suppress(Exception):
+                await db.execute("PRAGMA journal_mode=WAL")
+        mailer.start()
+        background = [asyncio.create_task(run_cleanup_forever(services))]
+        if settings.loop_monitor:
+            background.append(asyncio.create_task(loop_monitor()))
+        try:
+            yield {"db": db, "clock": clock, "mailer": mailer, "services": services}
+        finally:
+            for task in background:
+                task.cancel()
+            await mailer.stop()
+            await db.disconnect()
+
+    routes: list[Route | Mount] = [
+        Route("/", home, name="home"),
+        Route("/healthz", healthz, name="healthz"),
+        *auth_routes,
+        *account_routes,
+        Mount("/static", StaticFiles(directory=ROOT / "static"), name="static"),
+    ]
+    if settings.is_development:
+        routes += dev_routes
+    if settings.is_test:
+        routes += test_routes
+
+    middleware = [
+        Middleware(SecurityHeadersMiddleware, production=settings.is_production),
+        Middleware(ErrorPageMiddleware),
+        Middleware(
+            SessionMiddleware,
+            secret_key=settings.secret_key,
+            session_cookie=settings.session_cookie,
+            max_age=settings.session_absolute_timeout,
+            same_site="lax",
+            https_only=settings.is_production,
+        ),
+    ]
+    app = Starlette(
+        debug=False,
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={404: not_found, 405: not_found, **dict.fromkeys(DB_DOWN, server_error)},
+    )
+    app.state.settings = settings
+    app.state.services = services
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `app.main:app` is built on first access, so importing this module has no side effects.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

@@ -1,0 +1,41 @@
+"""The one-time code engine: issue, verify, resend, clean up. Knows nothing of HTTP."""
+
+from app.otp.engine import (
+    CODE,
+    DECOY,
+    PLACEHOLDER,
+    Challenge,
+    Cooldown,
+    Issued,
+    Keys,
+    OtpPolicy,
+    Purpose,
+    Verdict,
+    cooldown_left,
+    generate_code,
+    issue,
+    load_challenge,
+    rebind_open,
+    stand_in,
+    verify,
+)
+
+__all__ = [
+    "Challenge",
+    "Cooldown",
+    "Issued",
+    "Keys",
+    "OtpPolicy",
+    "Purpose",
+    "Verdict",
+    "cooldown_left",
+    "generate_code",
+    "issue",
+    "load_challenge",
+    "rebind_open",
+    "stand_in",
+    "CODE",
+    "DECOY",
+    "PLACEHOLDER",
+    "verify",
+]

@@ -1,0 +1,83 @@
+"""Delete expired and used codes, keeping their counts per day in `otp_stats`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from databases import Database
+
+from app.mail import outbox
+from app.tables import otp_stats, otp_verification
+
+if TYPE_CHECKING:
+    from app.services import Services
+
+log = logging.getLogger("app.otp")
+GRACE = timedelta(hours=1)  # keep finished codes a while, so support can see what happened
+
+
+async def cleanup(db: Database, *, now: datetime) -> int:
+    """Fold finished codes (expired, used or replaced, older than the grace period) into
+    otp_stats and delete them. Returns how many were deleted."""
+    o = otp_verification
+    cutoff = now - GRACE
+    finished = sa.or_(o.c.expires_at <= cutoff, o.c.used_at <= cutoff, o.c.invalidated_at <= cutoff)
+    outcome = sa.case(
+        (o.c.used_at.is_not(None), "verified"),
+        (o.c.invalidated_at.is_not(None), "replaced"),
+        else_="expired",
+    )
+    deleted = 0
+    async with db.transaction():
+        rows = await db.fetch_all(
+            sa.select(o.c.id, o.c.purpose, o.c.created_at, o.c.attempts, outcome.label("outcome"))
+            .where(finished, o.c.kind == "code")
+            .limit(5000)
+            .with_for_update(skip_locked=True)  # two workers cleaning at once count each code once
+        )
+        counts: dict[tuple[object, str, str], list[int]] = {}
+        for r in rows:
+            key = (r.created_at.date(), r.purpose, r.outcome)
+            entry = counts.setdefault(key, [0, 0])
+            entry[0] += 1
+            entry[1] += r.attempts
+        for (day, purpose, result), (codes, attempts) in counts.items():
+            updated = await db.fetch_val(
+                sa.select(sa.func.count()).select_from(otp_stats).where(
+                    otp_stats.c.day == day, otp_stats.c.purpose == purpose, otp_stats.c.outcome == result
+                )
+            )
+            if updated:
+                await db.execute(
+                    otp_stats.update()
+                    .where(otp_stats.c.day == day, otp_stats.c.purpose == purpose, otp_stats.c.outcome == result)
+                    .values(codes=otp_stats.c.codes + codes, attempts=otp_stats.c.attempts + attempts)
+                )
+            else:
+                await db.execute(
+                    otp_stats.insert().values(day=day, purpose=purpose, outcome=result, codes=codes, attempts=attempts)
+                )
+        ids = [r.id for r in rows]
+        for i in range(0, len(ids), 500):
+            await db.execute(o.delete().where(o.c.id.in_(ids[i : i + 500])))
+        deleted += len(ids)
+        # Placeholders and decoys carry no code and no analytics: just go.
+        await db.execute(o.delete().where(finished, o.c.kind != "code"))
+    await outbox.purge_payloads(db, now=now)
+    return deleted
+
+
+async def run_cleanup_forever(services: Services) -> None:
+    """The periodic task each app process runs."""
+    while True:
+        await asyncio.sleep(services.settings.otp_cleanup_interval)
+        try:
+            n = await cleanup(services.db, now=services.clock.now())
+            if n:
+                log.info("otp cleanup deleted=%d", n)
+        except Exception as exc:
+            log.warning("otp cleanup failed: %s", type(exc).__name__)

@@ -1,0 +1,365 @@
+"""Codes: 6 digits from `secrets`, stored as HMAC(SECRET_KEY, id:code), single use, bound to
+customer + purpose + pending session, with per-code and per-customer limits kept in the
+database and changed only by guarded UPDATEs, so several workers agree without locks."""
+
+from __future__ import annotations
+
+import hmac
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+import sqlalchemy as sa
+from databases import Database
+
+from app.database import execute_count
+from app.security import keyed_hash
+from app.settings import Settings
+from app.tables import customers, otp_verification
+
+CODE_DIGITS = 6
+# Challenge kinds: a mailed code; a placeholder while the cooldown runs (password proven,
+# no code sent yet); a decoy for a registration whose address or username exists already.
+CODE, PLACEHOLDER, DECOY = "code", "placeholder", "decoy"
+
+
+class Purpose(StrEnum):
+    REGISTRATION = "registration"
+    LOGIN = "login"
+
+
+@dataclass(frozen=True)
+class OtpPolicy:
+    registration_ttl: int = 900
+    login_ttl: int = 600
+    resend_cooldown: int = 60
+    max_attempts: int = 5
+    lockout_schedule: tuple[int, ...] = (60, 300, 900, 3600)
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> OtpPolicy:
+        return cls(s.otp_registration_ttl, s.otp_login_ttl, s.otp_resend_cooldown, s.otp_max_attempts, s.otp_lockout_schedule)
+
+    def ttl(self, purpose: Purpose) -> int:
+        return self.registration_ttl if purpose is Purpose.REGISTRATION else self.login_ttl
+
+    def lockout(self, level: int) -> int:
+        return self.lockout_schedule[min(level, len(self.lockout_schedule) - 1)]
+
+
+@dataclass(frozen=True)
+class Keys:
+    code: bytes
+    binding: bytes
+
+
+@dataclass(frozen=True)
+class Issued:
+    challenge_id: int
+    code: str
+    expires_at: datetime
+
+
+class Cooldown(Exception):
+    """A code was sent to this customer less than the cooldown ago."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Challenge:
+    id: int
+    customer_id: int
+    purpose: Purpose
+    kind: str
+    sent_to: str
+    attempts: int
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    invalidated_at: datetime | None
+    locked_until: datetime | None
+    last_sent_at: datetime | None
+
+    @property
+    def real(self) -> bool:
+        """A code was mailed for it (not a placeholder or a stand-in)."""
+        return self.kind == CODE
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a code entry came to. `status`: verified, wrong, dead, expired, locked, invalid."""
+
+    status: str
+    customer_id: int | None = None
+    purpose: Purpose | None = None
+    attempts_left: int = 0
+    locked_until: datetime | None = None
+
+
+def generate_code() -> str:
+    """Six digits, uniformly from the OS's CSPRNG, zero-padded."""
+    return f"{secrets.randbelow(10**CODE_DIGITS):0{CODE_DIGITS}d}"
+
+
+def new_challenge_id() -> int:
+    return secrets.randbits(62) | 1
+
+
+def code_hash(key: bytes, challenge_id: int, code: str) -> str:
+    return keyed_hash(key, challenge_id, code)
+
+
+def binding_hash(key: bytes, nonce: str) -> str:
+    return keyed_hash(key, "pending-session", nonce)
+
+
+def _left(since: datetime | None, seconds: int, now: datetime) -> int:
+    if since is None:
+        return 0
+    return max(0, math.ceil(seconds - (now - since).total_seconds()))
+
+
+async def cooldown_left(db: Database, *, customer_id: int, policy: OtpPolicy, now: datetime) -> int:
+    """Seconds until this customer may be sent another code (0 = now)."""
+    sent = await db.fetch_val(sa.select(customers.c.otp_last_sent_at).where(customers.c.id == customer_id))
+    return _left(sent, policy.resend_cooldown, now)
+
+
+async def issue(
+    db: Database,
+    *,
+    keys: Keys,
+    policy: OtpPolicy,
+    now: datetime,
+    customer_id: int,
+    purpose: Purpose,
+    nonce: str,
+    sent_to: str,
+) -> Issued:
+    """Issue a new code, invalidating the customer's open ones; Cooldown if too soon.
+
+    Call inside a transaction together with queueing its mail, so that a code exists
+    exactly when its mail does.
+    """
+    async with db.connection() as conn:
+        # The cooldown is a compare-and-set on the customer row: of any number of
+        # concurrent requests on any number of workers, one wins per cooldown window.
+        threshold = now - timedelta(seconds=policy.resend_cooldown)
+        won = await execute_count(
+            conn,
+            customers.update()
+            .where(
+                customers.c.id == customer_id,
+                sa.or_(customers.c.otp_last_sent_at.is_(None), customers.c.otp_last_sent_at <= threshold),
+            )
+            .values(otp_last_sent_at=now),
+        )
+        if not won:
+            raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
+        await conn.execute(
+            otp_verification.update()
+            .where(
+                otp_verification.c.customer_id == customer_id,
+                otp_verification.c.used_at.is_(None),
+                otp_verification.c.invalidated_at.is_(None),
+            )
+            .values(invalidated_at=now)
+        )
+        code = generate_code()
+        challenge_id = new_challenge_id()
+        expires_at = now + timedelta(seconds=policy.ttl(purpose))
+        await conn.execute(
+            otp_verification.insert().values(
+                id=challenge_id,
+                customer_id=customer_id,
+                purpose=purpose.value,
+                code_hash=code_hash(keys.code, challenge_id, code),
+                session_binding=binding_hash(keys.binding, nonce),
+                kind=CODE,
+                sent_to=sent_to,
+                attempts=0,
+                created_at=now,
+                expires_at=expires_at,
+            )
+        )
+    return Issued(challenge_id, code, expires_at)
+
+
+async def stand_in(
+    db: Database,
+    *,
+    keys: Keys,
+    policy: OtpPolicy,
+    now: datetime,
+    customer_id: int | None,
+    purpose: Purpose,
+    nonce: str,
+    sent_to: str,
+    kind: str,
+) -> int:
+    """A challenge no code was mailed for (placeholder or decoy). It can never verify, and it
+    neither invalidates the customer's real codes nor touches their cooldown."""
+    challenge_id = new_challenge_id()
+    await db.execute(
+        otp_verification.insert().values(
+            id=challenge_id,
+            customer_id=customer_id,
+            purpose=purpose.value,
+            code_hash=code_hash(keys.code, challenge_id, secrets.token_hex(16)),
+            session_binding=binding_hash(keys.binding, nonce),
+            kind=kind,
+            sent_to=sent_to,
+            attempts=0,
+            created_at=now,
+            expires_at=now + timedelta(seconds=policy.ttl(purpose)),
+        )
+    )
+    return challenge_id
+
+
+async def rebind_open(
+    db: Database, *, keys: Keys, customer_id: int, purpose: Purpose, nonce: str, now: datetime
+) -> int | None:
+    """Hand the customer's newest open code to a new pending session (password proven again
+    inside the cooldown). Its attempt count stays. Returns its id, or None."""
+    row = await db.fetch_one(
+        sa.select(otp_verification.c.id)
+        .where(
+            otp_verification.c.customer_id == customer_id,
+            otp_verification.c.purpose == purpose.value,
+            otp_verification.c.used_at.is_(None),
+            otp_verification.c.invalidated_at.is_(None),
+            otp_verification.c.expires_at > now,
+        )
+        .order_by(otp_verification.c.created_at.desc())
+        .limit(1)
+    )
+    if row is None:
+        return None
+    await db.execute(
+        otp_verification.update()
+        .where(otp_verification.c.id == row.id)
+        .values(session_binding=binding_hash(keys.binding, nonce))
+    )
+    return int(row.id)
+
+
+async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: str) -> Challenge | None:
+    """The pending challenge, only if it belongs to this pending session."""
+    o, c = otp_verification, customers
+    rec = await db.fetch_one(
+        sa.select(
+            o.c.id,
+            o.c.customer_id,
+            o.c.purpose,
+            o.c.kind,
+            o.c.sent_to,
+            o.c.attempts,
+            o.c.created_at,
+            o.c.expires_at,
+            o.c.used_at,
+            o.c.invalidated_at,
+            o.c.session_binding,
+            c.c.otp_locked_until,
+            c.c.otp_last_sent_at,
+        )
+        .select_from(o.outerjoin(c, c.c.id == o.c.customer_id))
+        .where(o.c.id == challenge_id)
+    )
+    if rec is None or not hmac.compare_digest(rec.session_binding, binding_hash(keys.binding, nonce)):
+        return None
+    return Challenge(
+        id=rec.id,
+        customer_id=rec.customer_id,
+        purpose=Purpose(rec.purpose),
+        kind=rec.kind,
+        sent_to=rec.sent_to,
+        attempts=rec.attempts,
+        created_at=rec.created_at,
+        expires_at=rec.expires_at,
+        used_at=rec.used_at,
+        invalidated_at=rec.invalidated_at,
+        locked_until=rec.otp_locked_until,
+        last_sent_at=rec.otp_last_sent_at,
+    )
+
+
+async def verify(
+    db: Database,
+    *,
+    keys: Keys,
+    policy: OtpPolicy,
+    now: datetime,
+    challenge: Challenge,
+    code: str,
+) -> Verdict:
+    """Check one code entry against a challenge loaded for this session."""
+    o, c = otp_verification, customers
+    if challenge.used_at is not None or challenge.invalidated_at is not None:
+        return Verdict("invalid")
+    locked_until = challenge.locked_until
+    if locked_until is not None and locked_until > now:
+        return Verdict("locked", locked_until=locked_until)
+    if challenge.expires_at <= now:
+        return Verdict("expired")
+    async with db.connection() as conn:
+        # Count the attempt before comparing, guarded, so no burst gets more than max tries.
+        counted = await execute_count(
+            conn,
+            o.update()
+            .where(o.c.id == challenge.id, o.c.attempts < policy.max_attempts, o.c.used_at.is_(None))
+            .values(attempts=o.c.attempts + 1),
+        )
+        if not counted:
+            return Verdict("dead")
+        if challenge.customer_id is not None and challenge.kind != DECOY:
+            await conn.execute(c.update().where(c.c.id == challenge.customer_id).values(last_otp_attempt=now))
+        expected = await conn.fetch_val(sa.select(o.c.code_hash).where(o.c.id == challenge.id))
+        right = hmac.compare_digest(code_hash(keys.code, challenge.id, code), expected or "") and challenge.real
+        if right:
+            won = await execute_count(
+                conn, o.update().where(o.c.id == challenge.id, o.c.used_at.is_(None)).values(used_at=now)
+            )
+            if not won:
+                return Verdict("invalid")
+            await conn.execute(
+                c.update()
+                .where(c.c.id == challenge.customer_id)
+                .values(otp_attempts=0, otp_lockouts=0, otp_locked_until=None)
+            )
+            return Verdict("verified", customer_id=challenge.customer_id, purpose=challenge.purpose)
+        attempts = await conn.fetch_val(sa.select(o.c.attempts).where(o.c.id == challenge.id))
+        code_left = max(0, policy.max_attempts - int(attempts))
+        if challenge.customer_id is None or challenge.kind == DECOY:
+            # A stand-in challenge (the address already had an account): counted per code
+            # only, so a stranger cannot lock the owner out through it, and shaped alike.
+            if code_left == 0:
+                return Verdict("locked", locked_until=now + timedelta(seconds=policy.lockout(0)))
+            return Verdict("wrong", attempts_left=code_left)
+        # Per-customer failures: across codes, sessions and workers; a resend never resets them.
+        await conn.execute(c.update().where(c.c.id == challenge.customer_id).values(otp_attempts=c.c.otp_attempts + 1))
+        state = await conn.fetch_one(
+            sa.select(c.c.otp_attempts, c.c.otp_lockouts).where(c.c.id == challenge.customer_id)
+        )
+        assert state is not None
+        failures, level = int(state.otp_attempts), int(state.otp_lockouts)
+        if failures >= policy.max_attempts:
+            until = now + timedelta(seconds=policy.lockout(level))
+            locked = await execute_count(
+                conn,
+                c.update()
+                .where(c.c.id == challenge.customer_id, c.c.otp_attempts >= policy.max_attempts)
+                .values(otp_locked_until=until, otp_lockouts=c.c.otp_lockouts + 1, otp_attempts=0),
+            )
+            if locked:
+                return Verdict("locked", customer_id=challenge.customer_id, locked_until=until)
+            current = await conn.fetch_val(sa.select(c.c.otp_locked_until).where(c.c.id == challenge.customer_id))
+            return Verdict("locked", customer_id=challenge.customer_id, locked_until=current)
+        left = min(code_left, policy.max_attempts - failures)
+        return Verdict("wrong", customer_id=challenge.customer_id, attempts_left=left)

@@ -1,0 +1,29 @@
+"""Per-client-address limits with the `limits` library: in memory, or in Redis to share them
+between workers."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from limits import parse
+from limits.storage import storage_from_string
+from limits.aio.strategies import MovingWindowRateLimiter
+
+
+class RateLimiter:
+    def __init__(self, storage_url: str, limit: str) -> None:
+        url = storage_url if storage_url.startswith("async+") else "async+" + storage_url
+        self.storage = storage_from_string(url)
+        self.limiter = MovingWindowRateLimiter(self.storage)
+        self.item = parse(limit)
+
+    async def hit(self, scope: str, key: str) -> int:
+        """0 when allowed; otherwise the seconds to wait."""
+        if await self.limiter.hit(self.item, scope, key):
+            return 0
+        stats = await self.limiter.get_window_stats(self.item, scope, key)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+    async def reset(self) -> None:
+        await self.storage.reset()

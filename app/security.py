@@ -1,0 +1,209 @@
+"""Passwords, keyed hashes, CSRF and the security headers every response carries."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from collections.abc import Iterable
+from functools import lru_cache
+
+import anyio
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.settings import Network
+
+# OWASP's Argon2id minimum: m=19 MiB, t=2, p=1.
+ARGON2 = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16)
+_DUMMY_HASH = ARGON2.hash(secrets.token_urlsafe(16))
+
+
+# --- passwords ---------------------------------------------------------------------------
+
+
+def _verify_werkzeug(stored: str, password: str) -> bool:
+    """Werkzeug's `pbkdf2:sha256:N$salt$hex` and `scrypt:N:r:p$salt$hex` formats."""
+    try:
+        method, salt, expected = stored.split("$", 2)
+    except ValueError:
+        return False
+    parts = method.split(":")
+    pw, salt_b = password.encode(), salt.encode()
+    if parts[0] == "pbkdf2" and len(parts) in (2, 3):
+        iterations = int(parts[2]) if len(parts) == 3 else 600000
+        actual = hashlib.pbkdf2_hmac(parts[1], pw, salt_b, iterations).hex()
+    elif parts[0] == "scrypt" and len(parts) in (1, 4):
+        n, r, p = (int(x) for x in parts[1:]) if len(parts) == 4 else (2**15, 8, 1)
+        actual = hashlib.scrypt(pw, salt=salt_b, n=n, r=r, p=p, maxmem=132 * n * r * p).hex()
+    else:
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+def _check_password(stored: str | None, password: str) -> tuple[bool, bool]:
+    """(matches, needs rehash). With no stored hash, a dummy one costs the same time."""
+    if stored is None:
+        with contextlib.suppress(VerificationError):
+            ARGON2.verify(_DUMMY_HASH, password)
+        return False, False
+    if stored.startswith("$argon2"):
+        try:
+            ARGON2.verify(stored, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False, False
+        return True, ARGON2.check_needs_rehash(stored)
+    # Werkzeug's pbkdf2/scrypt are slow by design; a match is re-hashed to Argon2id by the caller.
+    ok = _verify_werkzeug(stored, password)
+    return ok, ok
+
+
+async def check_password(stored: str | None, password: str) -> tuple[bool, bool]:
+    """Verify off the event loop. Returns (matches, needs rehash to Argon2id)."""
+    return await anyio.to_thread.run_sync(_check_password, stored, password)
+
+
+async def hash_password(password: str) -> str:
+    """Argon2id hash, computed off the event loop."""
+    return await anyio.to_thread.run_sync(ARGON2.hash, password)
+
+
+# --- keys and tokens ---------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def derive_key(secret_key: str, purpose: str) -> bytes:
+    """A separate key per use, derived from SECRET_KEY."""
+    return hmac.new(secret_key.encode(), b"computer-shop:" + purpose.encode(), hashlib.sha256).digest()
+
+
+def keyed_hash(key: bytes, *parts: object) -> str:
+    """HMAC-SHA256 over the parts, hex."""
+    msg = b"\x1f".join(str(p).encode() for p in parts)
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def token() -> str:
+    """A random URL-safe token (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+# --- client address ----------------------------------------------------------------------
+
+
+def client_ip(request: Request, trusted: Iterable[Network]) -> str:
+    """The client address; X-Forwarded-For is believed only when it comes from a trusted proxy."""
+    peer = request.client.host if request.client else ""
+    trusted = tuple(trusted)
+    if not trusted:
+        return peer
+    try:
+        chain = [ipaddress.ip_address(peer)]
+    except ValueError:
+        return peer
+    forwarded = request.headers.get("x-forwarded-for", "")
+    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+    # Walk from the nearest hop outwards; the first address not ours is the client.
+    for hop in reversed(hops):
+        if not any(chain[-1] in net for net in trusted):
+            break
+        try:
+            chain.append(ipaddress.ip_address(hop))
+        except ValueError:
+            break
+    return str(chain[-1])
+
+
+# --- CSRF --------------------------------------------------------------------------------
+
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, created on first use."""
+    value = request.session.get("csrf")
+    if not value:
+        value = token()
+        request.session["csrf"] = value
+    return str(value)
+
+
+def same_origin(request: Request) -> bool:
+    """Origin / Sec-Fetch-Site check: refuse what a browser says came from elsewhere."""
+    site = request.headers.get("sec-fetch-site")
+    if site and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        host = request.headers.get("host", "")
+        return origin.split("://", 1)[-1] == host
+    return origin != "null"
+
+
+async def csrf_ok(request: Request) -> bool:
+    """True when the request carries the session's token and comes from this site."""
+    if not same_origin(request):
+        return False
+    expected = request.session.get("csrf")
+    if not expected:
+        return False
+    sent = request.headers.get(CSRF_HEADER)
+    if not sent:
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        sent = value if isinstance(value, str) else None
+    return bool(sent) and hmac.compare_digest(str(sent), str(expected))
+
+
+# --- headers -----------------------------------------------------------------------------
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; object-src 'none'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers to every response, errors and fragments included."""
+
+    def __init__(self, app: ASGIApp, *, production: bool) -> None:
+        self.app = app
+        self.production = production
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope["path"].startswith("/static/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("Content-Security-Policy", CSP)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "same-origin")
+                headers.setdefault("X-Frame-Options", "DENY")
+                headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+                headers.setdefault(
+                    "Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=(), interest-cohort=()"
+                )
+                if not static:
+                    headers.setdefault("Cache-Control", "no-store")
+                    headers.add_vary_header("HX-Request")
+                if self.production:
+                    headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+

@@ -1,0 +1,144 @@
+"""Settings from the environment or a `.env` file, as a frozen dataclass."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.config import Config
+
+ENVIRONMENTS = ("development", "test", "production")
+SMTP_SECURITY = ("none", "starttls", "tls")
+DEV_KEY_FILE = Path(".dev-secret-key")
+
+
+class SettingsError(ValueError):
+    """The configuration cannot be used; the message says what to change."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Settings:
+    app_env: str = "development"
+    database_url: str = "sqlite+aiosqlite:///./shop.db"
+    secret_key: str = ""
+    smtp_host: str | None = None
+    smtp_port: int = 587
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_security: str = "starttls"
+    smtp_timeout: float = 10.0
+    smtp_pool_size: int = 8
+    mail_from: str = "Computer Shop <no-reply@localhost>"
+    mail_max_tries: int = 8
+    otp_registration_ttl: int = 900
+    otp_login_ttl: int = 600
+    otp_resend_cooldown: int = 60
+    otp_max_attempts: int = 5
+    otp_lockout_schedule: tuple[int, ...] = (60, 300, 900, 3600)
+    otp_cleanup_interval: int = 300
+    rate_limit_storage: str = "memory://"
+    rate_limit: str = "20/minute"
+    trusted_proxies: tuple[Network, ...] = field(default_factory=tuple)
+    session_idle_timeout: int = 1800
+    session_absolute_timeout: int = 43200
+    db_pool_size: int = 10
+    loop_monitor: bool = False
+
+    def __post_init__(self) -> None:
+        if self.app_env not in ENVIRONMENTS:
+            raise SettingsError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {self.app_env!r}")
+        if self.smtp_security not in SMTP_SECURITY:
+            raise SettingsError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)}")
+        if not self.database_url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
+            raise SettingsError("DATABASE_URL must start with sqlite+aiosqlite:// or mysql+aiomysql://")
+        if len(self.secret_key.encode()) < 32:
+            raise SettingsError("SECRET_KEY must be at least 32 bytes (try: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
+        if self.is_production and not self.smtp_host:
+            raise SettingsError("production needs SMTP_HOST: codes are never printed in production")
+        for name in ("otp_registration_ttl", "otp_login_ttl", "otp_max_attempts", "session_idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name.upper()} must be positive")
+
+    @property
+    def is_production(self) -> bool:
+        return self.app_env == "production"
+
+    @property
+    def is_development(self) -> bool:
+        return self.app_env == "development"
+
+    @property
+    def is_test(self) -> bool:
+        return self.app_env == "test"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def session_cookie(self) -> str:
+        # The __Host- prefix makes the browser insist on Secure, path=/ and no Domain.
+        return "__Host-session" if self.is_production else "session"
+
+
+def _dev_secret_key() -> str:
+    """Generate a development key once and keep it in a local, git-ignored file."""
+    if DEV_KEY_FILE.exists():
+        return DEV_KEY_FILE.read_text().strip()
+    key = secrets.token_urlsafe(48)
+    DEV_KEY_FILE.write_text(key + "\n")
+    DEV_KEY_FILE.chmod(0o600)
+    return key
+
+
+def parse_networks(value: str) -> tuple[Network, ...]:
+    """Parse TRUSTED_PROXIES: comma-separated addresses or networks."""
+    try:
+        return tuple(ipaddress.ip_network(p.strip(), strict=False) for p in value.split(",") if p.strip())
+    except ValueError as exc:
+        raise SettingsError(f"TRUSTED_PROXIES: {exc}") from exc
+
+
+def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides: object) -> Settings:
+    """Read settings from the environment (which wins) and an optional `.env` file."""
+    config = Config(env_file if env_file and Path(env_file).exists() else None)
+    env = config("APP_ENV", default="development")
+    secret = config("SECRET_KEY", default="")
+    if not secret and env == "development":
+        secret = _dev_secret_key()
+    try:
+        values: dict[str, object] = {
+            "app_env": env,
+            "database_url": config("DATABASE_URL", default=Settings.database_url),
+            "secret_key": secret,
+            "smtp_host": config("SMTP_HOST", default=None) or None,
+            "smtp_port": config("SMTP_PORT", cast=int, default=587),
+            "smtp_username": config("SMTP_USERNAME", default=None) or None,
+            "smtp_password": config("SMTP_PASSWORD", default=None) or None,
+            "smtp_security": config("SMTP_SECURITY", default="starttls").lower(),
+            "smtp_timeout": config("SMTP_TIMEOUT", cast=float, default=10.0),
+            "smtp_pool_size": config("SMTP_POOL_SIZE", cast=int, default=8),
+            "mail_from": config("MAIL_FROM", default=Settings.mail_from),
+            "otp_registration_ttl": config("OTP_REGISTRATION_TTL", cast=int, default=900),
+            "otp_login_ttl": config("OTP_LOGIN_TTL", cast=int, default=600),
+            "otp_resend_cooldown": config("OTP_RESEND_COOLDOWN", cast=int, default=60),
+            "otp_max_attempts": config("OTP_MAX_ATTEMPTS", cast=int, default=5),
+            "otp_cleanup_interval": config("OTP_CLEANUP_INTERVAL", cast=int, default=300),
+            "rate_limit_storage": config("RATE_LIMIT_STORAGE", default="memory://"),
+            "rate_limit": config("RATE_LIMIT", default="20/minute"),
+            "trusted_proxies": parse_networks(config("TRUSTED_PROXIES", default="")),
+            "session_idle_timeout": config("SESSION_IDLE_TIMEOUT", cast=int, default=1800),
+            "session_absolute_timeout": config("SESSION_ABSOLUTE_TIMEOUT", cast=int, default=43200),
+            "db_pool_size": config("DB_POOL_SIZE", cast=int, default=10),
+            "loop_monitor": config("LOOP_MONITOR", cast=bool, default=False),
+        }
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]

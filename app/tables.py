@@ -1,0 +1,143 @@
+"""SQLAlchemy Core tables. Alembic revisions in migrations/ create and upgrade them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+metadata = sa.MetaData()
+
+# MySQL's DATETIME keeps whole seconds unless asked for microseconds.
+DateTimeImpl = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python, naive UTC in the database."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC)
+
+
+customers = sa.Table(
+    "customers",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("username", sa.String(150), unique=True, nullable=True),
+    sa.Column("email", sa.String(254), unique=True, nullable=False),
+    sa.Column("full_name", sa.String(200), nullable=False, server_default=""),
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=True),
+    sa.Column("email_verified_at", UTCDateTime, nullable=True),
+    # The guide's OTP fields, names kept so existing shop code recognises them.
+    sa.Column("otp_secret", sa.String(64), nullable=True),  # reserved for authenticator apps (TOTP)
+    sa.Column("otp_enabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_otp_attempt", UTCDateTime, nullable=True),  # last code entry, right or wrong
+    sa.Column("otp_attempts", sa.Integer, nullable=False, server_default="0"),  # failures since last success
+    sa.Column("otp_locked_until", UTCDateTime, nullable=True),
+    # Ours: lockout level for the progressive schedule, resend cooldown, revocation.
+    sa.Column("otp_lockouts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("otp_last_sent_at", UTCDateTime, nullable=True),
+    sa.Column("session_version", sa.Integer, nullable=False, server_default="0"),
+)
+
+otp_verification = sa.Table(
+    "customer_otp_verification",
+    metadata,
+    # Random 62-bit ids: unguessable, and known before the insert so the hash can bind it.
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("purpose", sa.String(16), nullable=False),  # registration | login
+    sa.Column("code_hash", sa.String(64), nullable=False),  # HMAC-SHA256(SECRET_KEY, id:code), hex
+    sa.Column("session_binding", sa.String(64), nullable=False),  # HMAC of the pending session's nonce
+    sa.Column("kind", sa.String(12), nullable=False, server_default="code"),  # code | placeholder | decoy
+    sa.Column("sent_to", sa.String(254), nullable=False, server_default=""),  # masked address shown at the code step
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("used_at", UTCDateTime, nullable=True),
+    sa.Column("invalidated_at", UTCDateTime, nullable=True),
+    sa.Index("ix_otp_customer_open", "customer_id", "used_at", "invalidated_at"),
+    sa.Index("ix_otp_expires_at", "expires_at"),
+)
+
+otp_stats = sa.Table(
+    "otp_stats",
+    metadata,
+    # What cleanup keeps of deleted codes: counts per day, purpose and outcome.
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("purpose", sa.String(16), primary_key=True),
+    sa.Column("outcome", sa.String(16), primary_key=True),  # verified | expired | replaced
+    sa.Column("codes", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+)
+
+auth_sessions = sa.Table(
+    "auth_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # SHA-256 of the token the cookie carries
+    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("session_version", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen_at", UTCDateTime, nullable=False),
+    sa.Column("ip", sa.String(45), nullable=False, server_default=""),
+    sa.Column("user_agent", sa.String(255), nullable=False, server_default=""),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Index("ix_auth_sessions_customer", "customer_id", "revoked_at"),
+)
+
+auth_events = sa.Table(
+    "auth_events",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("customer_id", sa.Integer, nullable=True),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("ip", sa.String(45), nullable=False, server_default=""),
+    sa.Column("user_agent", sa.String(255), nullable=False, server_default=""),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_auth_events_customer", "customer_id", "event", "created_at"),
+)
+
+mail_outbox = sa.Table(
+    "mail_outbox",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),  # registration_code | login_code | account_exists
+    sa.Column("customer_id", sa.Integer, nullable=True),
+    sa.Column("challenge_id", sa.BigInteger, nullable=True),
+    sa.Column("recipient", sa.String(254), nullable=False),
+    # The template context (with the code) sealed with AES-GCM under a key derived
+    # from SECRET_KEY, so no row holds a readable code; wiped once it can no longer help.
+    sa.Column("payload", sa.LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb"), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),  # queued | sending | sent | failed | expired
+    sa.Column("tries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.String(500), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=False),
+    sa.Column("claimed_until", UTCDateTime, nullable=True),
+    sa.Column("sent_at", UTCDateTime, nullable=True),
+    sa.Column("expires_at", UTCDateTime, nullable=True),
+    sa.Index("ix_outbox_due", "status", "next_attempt_at"),
+    sa.Index("ix_outbox_challenge", "challenge_id"),
+)

@@ -255,6 +255,7 @@ async def _step_context(request: Request, challenge: otp.Challenge, **extra: Any
         "placeholder": challenge.kind == otp.PLACEHOLDER,
         "error": None,
         "notice": None,
+        "announce": False,
     }
     ctx.update(extra)
     return ctx

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
+
+import pymysql
+import sqlalchemy.exc
 
 from databases import Database
 from databases.core import Connection
@@ -12,6 +16,9 @@ from sqlalchemy.sql import ClauseElement
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# `databases` lets the driver's own exceptions through.
+INTEGRITY_ERRORS = (sqlite3.IntegrityError, pymysql.err.IntegrityError, sqlalchemy.exc.IntegrityError)
 
 
 def make_database(settings: Settings) -> Database:
@@ -24,7 +31,6 @@ def make_database(settings: Settings) -> Database:
         max_size=settings.db_pool_size,
         pool_recycle=3600,
         charset="utf8mb4",
-        autocommit=True,
     )
 
 

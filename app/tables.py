@@ -129,7 +129,7 @@ mail_outbox = sa.Table(
     sa.Column("recipient", sa.String(254), nullable=False),
     # The template context (with the code) sealed with AES-GCM under a key derived
     # from SECRET_KEY, so no row holds a readable code; wiped once it can no longer help.
-    sa.Column("payload", sa.LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb"), nullable=True),
+    sa.Column("payload", sa.Text, nullable=True),
     sa.Column("status", sa.String(16), nullable=False),  # queued | sending | sent | failed | expired
     sa.Column("tries", sa.Integer, nullable=False, server_default="0"),
     sa.Column("last_error", sa.String(500), nullable=True),

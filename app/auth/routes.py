@@ -10,7 +10,6 @@ from datetime import datetime, timedelta
 from functools import wraps
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -18,6 +17,7 @@ from starlette.routing import Route
 from app import audit, otp
 from app.auth import forms, queries, sessions
 from app.auth.queries import Customer
+from app.database import INTEGRITY_ERRORS
 from app.htmx import redirect, wants_fragment
 from app.mail import outbox
 from app.security import check_password, csrf_ok, hash_password
@@ -98,7 +98,7 @@ async def register_submit(request: Request) -> Response:
             svc.mailer.notify()
             await audit.record(svc.db, "registered", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
             await audit.record(svc.db, "code_sent", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
-        except IntegrityError:
+        except INTEGRITY_ERRORS:
             # A double submit or a race with another registration: answered like any duplicate.
             by_email, by_username = await queries.find_conflict(svc.db, email=email, username=username)
     if challenge_id is None:

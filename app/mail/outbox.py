@@ -3,6 +3,7 @@ dispatcher on any worker, sent once. Payloads are sealed (AES-GCM) so no row sho
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ CLAIM_SECONDS = 120
 class Sealer:
     key: bytes
 
-    def seal(self, data: dict[str, Any]) -> bytes:
+    def seal(self, data: dict[str, Any]) -> str:
         nonce = os.urandom(12)
-        return nonce + AESGCM(self.key).encrypt(nonce, json.dumps(data).encode(), b"outbox")
+        return base64.b64encode(nonce + AESGCM(self.key).encrypt(nonce, json.dumps(data).encode(), b"outbox")).decode()
 
-    def open(self, blob: bytes) -> dict[str, Any]:
+    def open(self, sealed: str) -> dict[str, Any]:
+        blob = base64.b64decode(sealed)
         return dict(json.loads(AESGCM(self.key).decrypt(blob[:12], blob[12:], b"outbox")))
 
 

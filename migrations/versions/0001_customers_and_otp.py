@@ -24,7 +24,6 @@ depends_on = None
 
 DT = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 BIGID = sa.BigInteger().with_variant(sa.Integer, "sqlite")
-BLOB = sa.LargeBinary().with_variant(mysql.MEDIUMBLOB(), "mysql", "mariadb")
 
 
 def customer_columns() -> list[sa.Column]:
@@ -145,7 +144,7 @@ def upgrade() -> None:
         sa.Column("customer_id", sa.Integer, nullable=True),
         sa.Column("challenge_id", sa.BigInteger, nullable=True),
         sa.Column("recipient", sa.String(254), nullable=False),
-        sa.Column("payload", BLOB, nullable=True),
+        sa.Column("payload", sa.Text, nullable=True),  # base64 of nonce + AES-GCM ciphertext
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("tries", sa.Integer, nullable=False, server_default="0"),
         sa.Column("last_error", sa.String(500), nullable=True),

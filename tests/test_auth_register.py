@@ -1,0 +1,176 @@
+"""Registration: validation, account creation, the code mail, the code step, enumeration."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from app.tables import customers
+from tests.conftest import (
+    PASSWORD, Capture, Running, code_in, get_csrf, html_of, register, submit_code, text_of, wait_mail,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def post_register(client: httpx.AsyncClient, htmx: bool = False, **fields: str) -> httpx.Response:
+    data = {"full_name": "Jane Doe", "username": "jane", "email": "jane@example.com",
+            "password": PASSWORD, "confirm_password": PASSWORD}
+    data.update(fields)
+    data["csrf_token"] = await get_csrf(client, "/register")
+    return await client.post("/register", data=data, headers={"HX-Request": "true"} if htmx else {})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"email": "not-an-email"}, "Enter an email address like name@example.com."),
+        ({"email": ""}, "Enter your email address."),
+        ({"username": "a"}, "Use 3 to 30 letters"),
+        ({"username": "bad name!"}, "Use 3 to 30 letters"),
+        ({"full_name": ""}, "Enter your full name."),
+        ({"password": "short", "confirm_password": "short"}, "Use at least 8 characters."),
+        ({"password": "x" * 129, "confirm_password": "x" * 129}, "Use at most 128 characters."),
+        ({"password": "password1", "confirm_password": "password1"}, "too common"),
+        ({"password": "jane@example.com", "confirm_password": "jane@example.com"}, "must not be your email"),
+        ({"username": "longusername1", "password": "longusername1", "confirm_password": "longusername1"},
+         "must not be your email address or username"),
+        ({"confirm_password": "something-else-99"}, "The two passwords do not match."),
+    ],
+)
+async def test_invalid_registration_rerenders_page_with_422(client: httpx.AsyncClient, fields: dict[str, str],
+                                                           message: str) -> None:
+    r = await post_register(client, **fields)
+    assert r.status_code == 422
+    assert "<!doctype html>" in r.text.lower()
+    assert message in r.text
+
+
+async def test_invalid_registration_answers_htmx_with_422_fragment(client: httpx.AsyncClient) -> None:
+    r = await post_register(client, htmx=True, email="nope")
+    assert r.status_code == 422
+    assert "<html" not in r.text and 'data-step="register"' in r.text
+    assert "Enter an email address like name@example.com." in r.text
+    assert 'aria-invalid="true"' in r.text
+    assert r.headers["vary"].lower().find("hx-request") >= 0
+
+
+async def test_common_password_list_has_at_least_10000_entries() -> None:
+    from app.auth.forms import common_passwords
+
+    assert len(common_passwords()) >= 10000
+
+
+async def test_registration_creates_customer_with_otp_on_and_email_unverified(
+    client: httpx.AsyncClient, server: Running
+) -> None:
+    r = await post_register(client, email="Jane.Doe@Example.COM")
+    assert r.status_code == 303 and r.headers["location"] == "/verify"
+    row = await server.services.db.fetch_one(sa.select(customers))
+    assert row.email == "jane.doe@example.com"  # normalised
+    assert row.otp_enabled and row.email_verified_at is None
+    assert row.password_hash.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+
+
+async def test_registration_mails_multipart_code_with_name_and_lifetime(client: httpx.AsyncClient,
+                                                                       smtp: Capture) -> None:
+    await post_register(client)
+    (msg,) = await wait_mail(smtp, "jane@example.com")
+    assert msg.is_multipart()
+    code = code_in(msg)
+    assert code in html_of(msg)
+    assert "Jane Doe" in text_of(msg) and "Jane Doe" in html_of(msg)
+    assert "15 minutes" in text_of(msg)
+
+
+async def test_code_step_replaces_form_in_place_for_htmx_with_masked_address(client: httpx.AsyncClient) -> None:
+    r = await post_register(client, htmx=True)
+    assert r.status_code == 200
+    assert r.headers["HX-Push-Url"] == "/verify"
+    assert "<html" not in r.text
+    assert "j***@example.com" in r.text and "jane@example.com" not in r.text
+    assert 'autocomplete="one-time-code"' in r.text and 'inputmode="numeric"' in r.text
+
+
+async def test_full_page_load_of_pushed_url_shows_code_step(client: httpx.AsyncClient) -> None:
+    await post_register(client, htmx=True)
+    r = await client.get("/verify")
+    assert r.status_code == 200 and "<!doctype html>" in r.text.lower() and "Verification code" in r.text
+
+
+async def test_right_code_verifies_email_signs_in_and_lands_on_dashboard(
+    client: httpx.AsyncClient, smtp: Capture, server: Running
+) -> None:
+    await post_register(client)
+    code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    r = await submit_code(client, code)
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard"
+    row = await server.services.db.fetch_one(sa.select(customers))
+    assert row.email_verified_at is not None
+    page = await client.get("/dashboard")
+    assert page.status_code == 200 and "Hello, Jane Doe" in page.text
+
+
+async def test_right_code_with_htmx_answers_hx_location(client: httpx.AsyncClient, smtp: Capture) -> None:
+    await post_register(client, htmx=True)
+    code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    r = await submit_code(client, code, htmx=True)
+    assert r.status_code == 200 and "/dashboard" in r.headers["HX-Location"]
+
+
+async def test_existing_email_gets_same_answer_and_owner_gets_notice(server: Running, smtp: Capture) -> None:
+    async with server.client() as first:
+        await post_register(first)
+        await wait_mail(smtp, "jane@example.com")
+    async with server.client() as second:
+        new = await post_register(second, htmx=True, username="other", email="fresh@example.com")
+    async with server.client() as third:
+        dup = await post_register(third, htmx=True, username="janet", email="jane@example.com")
+    assert dup.status_code == new.status_code == 200
+    assert dup.headers.get("HX-Push-Url") == new.headers.get("HX-Push-Url")
+    mails = await wait_mail(smtp, "jane@example.com", count=2)
+    notice = mails[1]
+    assert "already" in notice["Subject"]
+    assert not CODE_IN(notice), "the notice carries no code"
+    # the same page shape, only the masked address differs
+    assert dup.text.replace("j***@example.com", "X") .count("<form") == new.text.count("<form")
+
+
+def CODE_IN(msg: object) -> list[str]:
+    import re
+
+    return re.findall(r"(?m)^\s*(\d{6})\s*$", text_of(msg))  # type: ignore[arg-type]
+
+
+async def test_existing_username_gets_same_answer(server: Running, smtp: Capture) -> None:
+    async with server.client() as first:
+        await post_register(first)
+    async with server.client() as second:
+        r = await post_register(second, username="jane", email="someone@example.com")
+    assert r.status_code == 303 and r.headers["location"] == "/verify"
+    (msg,) = await wait_mail(smtp, "someone@example.com")
+    assert "taken" in text_of(msg)
+
+
+async def test_double_submit_creates_exactly_one_account(server: Running, smtp: Capture) -> None:
+    async def one() -> int:
+        async with server.client() as c:
+            return (await post_register(c)).status_code
+
+    statuses = await asyncio.gather(*(one() for _ in range(8)))
+    assert set(statuses) == {303}
+    count = await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(customers))
+    assert count == 1
+
+
+async def test_name_with_markup_renders_escaped(client: httpx.AsyncClient, smtp: Capture) -> None:
+    evil = '<img src=x onerror="alert(1)">'
+    await register(client, name=evil)
+    code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    await submit_code(client, code)
+    page = await client.get("/dashboard")
+    assert evil not in page.text and "&lt;img src=x onerror=" in page.text
+    assert evil not in html_of(smtp.to("jane@example.com")[0])

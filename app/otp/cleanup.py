@@ -33,6 +33,9 @@ async def cleanup(db: Database, *, now: datetime) -> int:
     )
     deleted = 0
     async with db.transaction():
+        # Take the write lock first: on SQLite (WAL) a transaction that read before another
+        # connection's commit cannot become a writer later.
+        await db.execute(otp_stats.update().where(sa.false()).values(codes=otp_stats.c.codes))
         rows = await db.fetch_all(
             sa.select(o.c.id, o.c.purpose, o.c.created_at, o.c.attempts, outcome.label("outcome"))
             .where(finished, o.c.kind == "code")

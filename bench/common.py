@@ -1,0 +1,114 @@
+"""Small shared helpers: percentiles, /proc readers, free ports, address allocation."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+TMP = RESULTS / "tmp"  # git-ignored: logs, load files, raw profiles
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PASSWORD = "bench-Password-7781"
+XFF_NET = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
+STEPS = ("get_login", "post_login", "code_wait", "get_verify", "post_verify", "get_dashboard", "post_logout")
+
+
+def username(i: int) -> str:
+    return f"b{i:07d}"
+
+
+def email(i: int) -> str:
+    return f"b{i:07d}@bench.example"
+
+
+def client_address(n: int) -> str:
+    """The n-th client address from 198.18.0.0/15 (wraps after 131072)."""
+    return str(XFF_NET.network_address + (n % XFF_NET.num_addresses))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100) of an already sorted list."""
+    if not sorted_values:
+        return None
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summary(values: list[float]) -> dict[str, float | int | None]:
+    """count, mean, p50/p95/p99, max — in the unit given (ms for latencies)."""
+    s = sorted(values)
+    return {
+        "count": len(s),
+        "mean": (sum(s) / len(s)) if s else None,
+        "p50": percentile(s, 50),
+        "p95": percentile(s, 95),
+        "p99": percentile(s, 99),
+        "max": s[-1] if s else None,
+    }
+
+
+# --- /proc -------------------------------------------------------------------------------
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process (all its threads), in clock ticks; None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = data[data.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+
+
+def status_field(pid: int, name: str) -> int | None:
+    """A numeric field of /proc/<pid>/status (VmHWM, VmRSS in kB; Threads)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            data = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(")") + 2 :].split()[1])
+        if ppid == pid:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def pid_of_command(name: str) -> int | None:
+    """The PID of a process by its comm (used read-only, for the database server's CPU)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == name:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None

@@ -1,0 +1,187 @@
+"""Sign-in: password step, code step, OTP off, legacy hashes, answers that tell nothing."""
+
+from __future__ import annotations
+
+import hashlib
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from app.clock import FixedClock
+from app.security import ARGON2, _DUMMY_HASH, _check_password
+from app.tables import customers
+from tests.conftest import (
+    PASSWORD, Capture, Running, code_in, login, registered, submit_code, text_of, wait_mail,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def signed_up(server: Running, smtp: Capture, clock: FixedClock, **kw: str) -> str:
+    async with server.client() as c:
+        email = await registered(c, smtp, **kw)
+    clock.advance(61)  # past the resend cooldown, as a real customer would be
+    return email
+
+
+@pytest.mark.parametrize("who", ["jane", "jane@example.com", "JANE@EXAMPLE.COM"])
+async def test_sign_in_by_username_or_email_mails_login_code_and_reaches_dashboard(
+    server: Running, smtp: Capture, clock: FixedClock, who: str
+) -> None:
+    await signed_up(server, smtp, clock)
+    async with server.client() as c:
+        r = await login(c, who)
+        assert r.status_code == 303 and r.headers["location"] == "/verify"
+        mail = (await wait_mail(smtp, "jane@example.com", 2))[-1]
+        assert "sign-in code" in mail["Subject"] and "10 minutes" in text_of(mail)
+        r = await submit_code(c, code_in(mail))
+        assert r.headers["location"] == "/dashboard"
+        assert (await c.get("/dashboard")).status_code == 200
+
+
+async def test_sign_in_with_htmx_swaps_code_step_in_place(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    await signed_up(server, smtp, clock)
+    async with server.client() as c:
+        r = await login(c, htmx=True)
+        assert r.status_code == 200 and r.headers["HX-Push-Url"] == "/verify"
+        assert "Enter your sign-in code" in r.text and "<html" not in r.text
+
+
+async def test_customer_with_otp_off_goes_straight_in(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    await signed_up(server, smtp, clock)
+    await server.services.db.execute(customers.update().values(otp_enabled=False))
+    async with server.client() as c:
+        r = await login(c)
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard"
+        assert (await c.get("/dashboard")).status_code == 200
+    async with server.client() as c:
+        r = await login(c, htmx=True)
+        assert r.status_code == 200 and "/dashboard" in r.headers["HX-Location"]
+    assert len(smtp.to("jane@example.com")) == 1  # only the registration code
+
+
+async def test_password_only_state_never_reaches_signed_in_pages(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    await signed_up(server, smtp, clock)
+    async with server.client() as c:
+        await login(c)
+        r = await c.get("/dashboard")
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        r = await c.get("/dashboard", headers={"HX-Request": "true"})
+        assert r.status_code == 200 and "/login" in r.headers["HX-Location"]
+
+
+async def test_unknown_user_answers_like_wrong_password(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    await signed_up(server, smtp, clock)
+    async with server.client() as c:
+        wrong = await login(c, "jane", "Wrong-Password-123")
+    async with server.client() as c:
+        unknown = await login(c, "nobody", "Wrong-Password-123")
+    assert wrong.status_code == unknown.status_code == 422
+    strip = lambda t: t.replace('value="jane"', "").replace('value="nobody"', "")  # noqa: E731
+    import re
+
+    csrf = re.compile(r"[A-Za-z0-9_-]{43}")
+    assert csrf.sub("", strip(wrong.text)) == csrf.sub("", strip(unknown.text))
+
+
+async def test_locked_account_and_wrong_password_answer_alike(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    await signed_up(server, smtp, clock)
+    await server.services.db.execute(
+        customers.update().values(otp_locked_until=clock.now().replace(year=2030), otp_lockouts=1)
+    )
+    async with server.client() as c:
+        locked = await login(c, "jane", "Wrong-Password-123")
+    await server.services.db.execute(customers.update().values(otp_locked_until=None))
+    async with server.client() as c:
+        unlocked = await login(c, "jane", "Wrong-Password-123")
+    assert locked.status_code == unlocked.status_code == 422
+    assert "do not match an account" in locked.text and "locked" not in locked.text.lower()
+
+
+async def test_unknown_user_still_costs_one_argon2_hash() -> None:
+    # The dummy hash uses the app's own parameters, so verifying against it costs the same.
+    assert _DUMMY_HASH.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+    assert not ARGON2.check_needs_rehash(_DUMMY_HASH)
+    assert _check_password(None, PASSWORD) == (False, False)
+
+
+async def test_argon2_parameters_meet_owasp_minimum() -> None:
+    params = ARGON2.hash("x").split("$")[3]
+    assert params == "m=19456,t=2,p=1"
+
+
+@pytest.mark.parametrize("method", ["pbkdf2:sha256:600000", "scrypt"])
+async def test_werkzeug_hashes_verify_and_are_rehashed_to_argon2id(
+    server: Running, smtp: Capture, clock: FixedClock, method: str
+) -> None:
+    from werkzeug.security import generate_password_hash
+
+    legacy = generate_password_hash(PASSWORD, method=method)
+    await server.services.db.execute(
+        customers.insert().values(email="old@example.com", username="oldie", password_hash=legacy,
+                                  email_verified_at=clock.now(), otp_enabled=False)
+    )
+    async with server.client() as c:
+        r = await login(c, "old@example.com")
+        assert r.status_code == 303 and r.headers["location"] == "/dashboard"
+    stored = await server.services.db.fetch_val(sa.select(customers.c.password_hash))
+    assert stored.startswith("$argon2id$")
+    async with server.client() as c:
+        assert (await login(c, "oldie")).headers["location"] == "/dashboard"
+        assert (await login(c, "oldie", "not-the-password")).status_code == 422
+
+
+async def test_werkzeug_wrong_password_is_refused() -> None:
+    from werkzeug.security import generate_password_hash
+
+    assert _check_password(generate_password_hash("right-one-123", method="pbkdf2:sha256:1000"), "wrong") == (False, False)
+    assert _check_password("pbkdf2:sha256:1000$salt$" + hashlib.sha256(b"x").hexdigest(), "x")[0] is False
+
+
+async def test_unverified_customer_signing_in_gets_a_registration_code_again(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    from tests.conftest import register
+
+    async with server.client() as c:
+        await register(c)
+    await wait_mail(smtp, "jane@example.com")
+    clock.advance(61)
+    async with server.client() as c:
+        r = await login(c)
+        assert r.headers["location"] == "/verify"
+        page = await c.get("/verify")
+        assert "Confirm your email" in page.text
+        mail = (await wait_mail(smtp, "jane@example.com", 2))[-1]
+        assert "verification code" in mail["Subject"]
+        await submit_code(c, code_in(mail))
+    assert await server.services.db.fetch_val(sa.select(customers.c.email_verified_at)) is not None
+
+
+async def test_sign_in_again_inside_cooldown_reuses_open_code(server: Running, smtp: Capture,
+                                                              clock: FixedClock) -> None:
+    await signed_up(server, smtp, clock)
+    async with server.client() as first:
+        await login(first)
+    code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+    clock.advance(5)
+    async with server.client() as second:
+        await login(second)  # inside the cooldown: no new mail, the open code moves to this session
+        assert len(smtp.to("jane@example.com")) == 2
+        r = await submit_code(second, code)
+        assert r.headers["location"] == "/dashboard"
+
+
+async def test_bad_login_input_gets_messages_not_500(client: httpx.AsyncClient) -> None:
+    from tests.conftest import get_csrf
+
+    token = await get_csrf(client, "/login")
+    r = await client.post("/login", data={"csrf_token": token, "login": "", "password": ""})
+    assert r.status_code == 422 and "Enter your username or email address." in r.text
+    r = await client.post("/login", data={"csrf_token": token, "login": "x" * 300, "password": "p" * 1000})
+    assert r.status_code == 422

@@ -1,0 +1,337 @@
+"""The code engine held to SECURITY.md 1-12, on both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+
+import pytest
+import sqlalchemy as sa
+
+import app.otp.engine as engine
+from app.clock import FixedClock
+from app.otp import Purpose
+from app.tables import auth_sessions, customers, mail_outbox, otp_stats, otp_verification
+from tests.conftest import (
+    Capture, Running, code_in, get_csrf, login, register, registered, resend, submit_code, wait_mail, with_,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+# --- 1, 2, 5: generation and storage -----------------------------------------------------
+
+
+def test_ten_thousand_codes_are_all_six_digits() -> None:
+    codes = [engine.generate_code() for _ in range(10_000)]
+    assert all(len(c) == 6 and c.isdigit() for c in codes)
+    assert any(c.startswith("0") for c in codes)  # zero-padded, not dropped
+    assert len(set(codes)) > 9000
+
+
+def test_codes_come_from_secrets_not_random() -> None:
+    source = inspect.getsource(engine)
+    assert "secrets.randbelow" in inspect.getsource(engine.generate_code)
+    assert not re.search(r"^\s*(import random|from random)", source, re.M)
+
+
+def test_code_comparison_is_constant_time() -> None:
+    assert "hmac.compare_digest" in inspect.getsource(engine.verify)
+
+
+async def test_no_stored_row_contains_the_code(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await register(c)
+        reg_code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        await submit_code(c, reg_code)
+    clock.advance(61)
+    async with server.client() as c:
+        await login(c)
+        login_code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+    db = server.services.db
+    for table in (customers, otp_verification, mail_outbox, auth_sessions):
+        for row in await db.fetch_all(sa.select(table)):
+            for value in row._mapping.values():
+                assert reg_code not in str(value) and login_code not in str(value), (table.name, value)
+    stored = await db.fetch_val(sa.select(otp_verification.c.code_hash).order_by(otp_verification.c.created_at.desc()))
+    assert re.fullmatch(r"[0-9a-f]{64}", stored)
+
+
+# --- 3, 4: expiry and binding ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("purpose", "ttl"), [("registration", 900), ("login", 600)])
+async def test_frozen_clock_past_expiry_refuses_the_right_code(
+    server: Running, smtp: Capture, clock: FixedClock, purpose: str, ttl: int
+) -> None:
+    async with server.client() as c:
+        if purpose == "registration":
+            await register(c)
+        else:
+            await registered(c, smtp)
+            clock.advance(61)
+            await login(c)
+        code = code_in((await wait_mail(smtp, "jane@example.com", 1 if purpose == "registration" else 2))[-1])
+        clock.advance(ttl - 1)
+        page = await c.get("/verify")
+        assert "expired" not in page.text
+        clock.advance(2)
+        r = await submit_code(c, code)
+        assert r.status_code == 422 and "expired" in r.text
+
+
+async def test_code_is_single_use(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await register(c)
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        cookies = dict(c.cookies)
+        assert (await submit_code(c, code)).headers["location"] == "/dashboard"
+    async with server.client(cookies=cookies) as replay:
+        r = await submit_code(replay, code)
+        assert r.status_code != 303 or r.headers["location"] != "/dashboard"
+
+
+async def test_registration_code_fails_at_login(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    db, svc = server.services.db, server.services
+    async with server.client() as c:
+        await register(c)
+        reg_code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    customer_id = await db.fetch_val(sa.select(customers.c.id))
+    await db.execute(customers.update().values(email_verified_at=clock.now()))
+    clock.advance(61)
+    issued = await engine.issue(db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
+                                purpose=Purpose.LOGIN, nonce="n1", sent_to="x")
+    challenge = await engine.load_challenge(db, keys=svc.keys, challenge_id=issued.challenge_id, nonce="n1")
+    assert challenge is not None
+    if reg_code != issued.code:
+        verdict = await engine.verify(db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=challenge,
+                                      code=reg_code)
+        assert verdict.status == "wrong"
+
+
+async def test_code_from_another_session_fails(server: Running, smtp: Capture) -> None:
+    async with server.client() as owner:
+        await register(owner)
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    async with server.client() as stranger:
+        await register(stranger, username="mallory", email="mallory@example.com")
+        r = await submit_code(stranger, code)
+        assert r.status_code == 422
+    svc = server.services
+    first = await svc.db.fetch_one(sa.select(otp_verification).order_by(otp_verification.c.created_at))
+    assert await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=first.id, nonce="forged") is None
+
+
+# --- 6-9: attempts, lockout, concurrency -------------------------------------------------
+
+
+async def test_fifty_concurrent_wrong_codes_evaluate_at_most_five(server: Running, smtp: Capture) -> None:
+    svc = server.services
+    async with server.client() as c:
+        await register(c)
+        right = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        token = await get_csrf(c, "/verify")
+        wrong = "000000" if right != "000000" else "111111"
+        results = await asyncio.gather(
+            *(c.post("/verify", data={"csrf_token": token, "code": wrong}) for _ in range(50))
+        )
+    assert all(r.status_code == 422 for r in results)
+    evaluated = sum("not right" in r.text for r in results) + sum("paused" in r.text for r in results)
+    attempts = await svc.db.fetch_val(sa.select(otp_verification.c.attempts))
+    assert attempts <= 5 and evaluated <= 5
+
+
+async def test_after_five_wrong_entries_the_right_code_is_refused(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await register(c)
+        right = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        wrong = "000000" if right != "000000" else "111111"
+        texts = [(await submit_code(c, wrong)).text for _ in range(5)]
+        assert "4 attempts left" in texts[0] and "1 attempt left" in texts[3]
+        r = await submit_code(c, right)
+        assert r.status_code == 422
+
+
+async def test_failures_from_fresh_cookies_still_add_up(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await registered(c, smtp)
+    for i in range(5):
+        clock.advance(61)
+        async with server.client() as fresh:
+            await login(fresh)
+            r = await submit_code(fresh, "000000" if i % 2 else "999999")
+    assert "paused" in r.text or "Too many" in r.text
+    row = await server.services.db.fetch_one(sa.select(customers))
+    assert row.otp_locked_until is not None and row.otp_lockouts == 1
+
+
+async def test_resend_never_resets_the_failure_count(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await register(c)
+        right = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        wrong = "000000" if right != "000000" else "111111"
+        for _ in range(4):
+            await submit_code(c, wrong)
+        clock.advance(61)
+        assert (await resend(c)).status_code == 303
+        fresh = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        wrong = "000000" if fresh != "000000" else "111111"
+        r = await submit_code(c, wrong)
+        assert r.status_code == 422 and "paused" in r.text
+        r = await submit_code(c, fresh)
+        assert r.status_code == 422, "locked: even the right code waits"
+
+
+async def test_lockout_grows_progressively_and_success_resets_it(server: Running, smtp: Capture,
+                                                                clock: FixedClock) -> None:
+    svc = server.services
+    async with server.client() as c:
+        await registered(c, smtp)
+    customer_id = await svc.db.fetch_val(sa.select(customers.c.id))
+    lengths = []
+    for round_ in range(4):
+        clock.advance(3601)
+        for _ in range(5):
+            issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                        customer_id=customer_id, purpose=Purpose.LOGIN, nonce=f"n{round_}",
+                                        sent_to="x") if _ == 0 else issued
+            ch = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id,
+                                             nonce=f"n{round_}")
+            assert ch is not None
+            wrong = "000000" if issued.code != "000000" else "111111"
+            verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                          challenge=ch, code=wrong)
+        assert verdict.status == "locked" and verdict.locked_until is not None
+        lengths.append(int((verdict.locked_until - clock.now()).total_seconds()))
+    assert lengths == [60, 300, 900, 3600]
+    clock.advance(3601)
+    issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
+                                purpose=Purpose.LOGIN, nonce="ok", sent_to="x")
+    ch = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id, nonce="ok")
+    assert ch is not None
+    ok = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=ch, code=issued.code)
+    assert ok.status == "verified"
+    row = await svc.db.fetch_one(sa.select(customers))
+    assert row.otp_attempts == 0 and row.otp_lockouts == 0 and row.otp_locked_until is None
+
+
+async def test_twenty_concurrent_correct_submissions_give_exactly_one_session(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await register(c)
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        token = await get_csrf(c, "/verify")
+        cookies = dict(c.cookies)
+
+    async def attempt() -> int:
+        async with server.client(cookies=cookies) as each:
+            r = await each.post("/verify", data={"csrf_token": token, "code": code})
+            return 1 if r.headers.get("location") == "/dashboard" else 0
+
+    wins = await asyncio.gather(*(attempt() for _ in range(20)))
+    assert sum(wins) == 1
+    assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(auth_sessions)) == 1
+
+
+# --- 11, 12: resend ----------------------------------------------------------------------
+
+
+async def test_resend_inside_cooldown_sends_nothing_even_with_cleared_cookies_and_on_another_worker(
+    server: Running, smtp: Capture, clock: FixedClock, settings: object
+) -> None:
+    from tests.conftest import running
+
+    async with server.client() as c:
+        await registered(c, smtp)
+    clock.advance(61)
+    async with server.client() as c:
+        await login(c)
+        await wait_mail(smtp, "jane@example.com", 2)
+        clock.advance(59)
+        r = await resend(c)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        assert "wait 1 seconds" in r.text
+    async with server.client() as cleared:  # cookies gone: the password step again, then resend
+        await login(cleared)
+        r = await resend(cleared)
+        assert r.status_code == 429
+    async with running(settings, clock) as other_worker, other_worker.client() as c:  # type: ignore[arg-type]
+        await login(c)
+        r = await resend(c)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert len(smtp.to("jane@example.com")) == 2
+    clock.advance(2)  # 61 s after the last code
+    async with server.client() as c:
+        await login(c)
+        await wait_mail(smtp, "jane@example.com", 3)
+
+
+async def test_resend_at_61_seconds_sends_and_new_code_invalidates_old(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    async with server.client() as c:
+        await register(c)
+        old = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        clock.advance(61)
+        r = await resend(c)
+        assert r.status_code == 303
+        new = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        if old != new:
+            r = await submit_code(c, old)
+            assert r.status_code == 422
+        r = await submit_code(c, new)
+        assert r.headers["location"] == "/dashboard"
+
+
+async def test_resend_with_htmx_inside_cooldown_answers_429_fragment(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await register(c)
+        token = await get_csrf(c, "/verify")
+        r = await c.post("/verify/resend", data={"csrf_token": token}, headers={"HX-Request": "true"})
+        assert r.status_code == 429 and "Retry-After" in r.headers and "<html" not in r.text
+        assert 'role="timer"' in r.text
+
+
+async def test_code_step_reports_true_remaining_cooldown(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await register(c)
+        clock.advance(25)
+        page = await c.get("/verify")
+        assert 'data-countdown="35"' in page.text
+        clock.advance(40)
+        page = await c.get("/verify")
+        assert 'data-countdown="0"' in page.text and 'id="resend" disabled' not in page.text
+
+
+# --- cleanup -----------------------------------------------------------------------------
+
+
+async def test_cleanup_deletes_finished_codes_and_keeps_counts(server: Running, smtp: Capture,
+                                                               clock: FixedClock) -> None:
+    from app.otp.cleanup import cleanup
+
+    async with server.client() as c:
+        await registered(c, smtp)
+    clock.advance(61)
+    async with server.client() as c:
+        await login(c)  # a code left to expire
+    clock.advance(3 * 3600)
+    deleted = await cleanup(server.services.db, now=clock.now())
+    assert deleted == 2
+    assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(otp_verification)) == 0
+    stats = {(r.purpose, r.outcome): r.codes for r in await server.services.db.fetch_all(sa.select(otp_stats))}
+    assert stats == {("registration", "verified"): 1, ("login", "expired"): 1}
+    payloads = await server.services.db.fetch_all(sa.select(mail_outbox.c.payload))
+    assert all(p.payload is None for p in payloads)
+
+
+async def test_max_attempts_is_a_setting(server: Running, smtp: Capture, settings: object, clock: FixedClock) -> None:
+    from tests.conftest import running
+
+    async with running(with_(settings, otp_max_attempts=2), clock) as s2, s2.client() as c:  # type: ignore[arg-type]
+        await register(c, username="max2", email="max2@example.com")
+        right = code_in((await wait_mail(smtp, "max2@example.com"))[0])
+        wrong = "000000" if right != "000000" else "111111"
+        assert "1 attempt left" in (await submit_code(c, wrong)).text
+        await submit_code(c, wrong)
+        assert (await submit_code(c, right)).status_code == 422

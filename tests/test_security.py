@@ -1,0 +1,385 @@
+"""SECURITY.md sections 'Sessions, CSRF, cookies', 'Transport and headers', 'Logging', 13-15."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from app.clock import FixedClock
+from app.settings import Settings, SettingsError
+from app.tables import auth_events, auth_sessions
+from tests.conftest import (
+    PASSWORD, Capture, Running, code_in, get_csrf, login, register, registered, running, submit_code, wait_mail,
+    with_,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def cookie_payload(client: httpx.AsyncClient, name: str = "session") -> dict[str, object]:
+    raw = client.cookies[name]
+    data = raw.split(".")[0]
+    return dict(json.loads(base64.b64decode(data + "=" * (-len(data) % 4))))
+
+
+# --- CSRF (22) ---------------------------------------------------------------------------
+
+
+def post_routes(server: Running) -> list[str]:
+    return sorted({r.path for r in server.app.routes if "POST" in getattr(r, "methods", set())})
+
+
+async def test_every_post_route_is_csrf_protected(server: Running) -> None:
+    paths = post_routes(server)
+    assert {"/register", "/login", "/verify", "/verify/resend", "/logout", "/logout/everywhere"} <= set(paths)
+    for route in server.app.routes:
+        # /_test/clock exists only with APP_ENV=test (see test_test_clock_hook_exists_only_in_test_mode)
+        if "POST" in getattr(route, "methods", set()) and not route.path.startswith("/_test/"):
+            assert getattr(route.endpoint, "csrf_protected", False), route.path
+
+
+@pytest.mark.parametrize("path", ["/register", "/login", "/verify", "/verify/resend", "/logout", "/logout/everywhere"])
+async def test_post_without_csrf_token_is_refused_with_403(client: httpx.AsyncClient, path: str) -> None:
+    await client.get("/login")  # a session with a token exists, but the request omits it
+    r = await client.post(path, data={"login": "x", "password": "y", "code": "123456"})
+    assert r.status_code == 403 and "Please start again" in r.text
+    r = await client.post(path, data={"csrf_token": "forged"}, headers={"HX-Request": "true"})
+    assert r.status_code == 403 and "<html" not in r.text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}, {"Origin": "null"}],
+)
+async def test_cross_site_post_is_refused_even_with_token(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    token = await get_csrf(client, "/login")
+    r = await client.post("/login", data={"csrf_token": token, "login": "jane", "password": PASSWORD}, headers=headers)
+    assert r.status_code == 403
+
+
+async def test_same_origin_post_with_token_header_is_accepted(client: httpx.AsyncClient) -> None:
+    token = await get_csrf(client, "/login")
+    r = await client.post("/login", data={"login": "jane", "password": PASSWORD},
+                          headers={"X-CSRF-Token": token, "Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 422  # got past CSRF to the password check
+
+
+# --- cookies (16, 17, 19) ----------------------------------------------------------------
+
+
+async def test_cookie_is_httponly_samesite_lax_without_domain(client: httpx.AsyncClient) -> None:
+    r = await client.get("/login")
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie and "domain" not in cookie and "path=/" in cookie
+
+
+async def test_production_cookie_is_secure_with_host_prefix(settings: Settings, clock: FixedClock) -> None:
+    prod = with_(settings, app_env="production")
+    async with running(prod, clock) as server, server.client(base_url="https://shop.example") as c:
+        r = await c.get("/login")
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith("__Host-session=") and "secure" in cookie.lower() and "domain" not in cookie.lower()
+        assert r.headers["strict-transport-security"].startswith("max-age=")
+        assert int(r.headers["strict-transport-security"].split("=")[1].split(";")[0]) >= 31536000
+
+
+async def test_cookie_holds_ids_only(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await register(c)
+        pending = cookie_payload(c)
+        assert set(pending) == {"csrf", "pending"} and set(pending["pending"]) == {"c", "n"}  # type: ignore[arg-type]
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        await submit_code(c, code)
+        signed = cookie_payload(c)
+        assert set(signed) == {"csrf", "sid", "at"}
+        text = json.dumps(pending) + json.dumps(signed)
+        assert "jane" not in text and "example.com" not in text and code not in text
+
+
+async def test_new_session_on_every_privilege_change(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await c.get("/register")
+        anonymous = cookie_payload(c)
+        await register(c)
+        pending = cookie_payload(c)
+        await submit_code(c, code_in((await wait_mail(smtp, "jane@example.com"))[0]))
+        signed = cookie_payload(c)
+    assert anonymous["csrf"] != pending["csrf"] != signed["csrf"]
+    assert "pending" not in signed
+
+
+# --- revocation and timeouts (18, 20, 21) ------------------------------------------------
+
+
+async def test_replayed_cookie_after_sign_out_is_not_signed_in(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await registered(c, smtp)
+        old = dict(c.cookies)
+        token = await get_csrf(c, "/dashboard")
+        r = await c.post("/logout", data={"csrf_token": token})
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+    async with server.client(cookies=old) as replay:
+        r = await replay.get("/dashboard")
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+
+
+async def test_other_browser_stays_signed_in_until_sign_out_everywhere(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    async with server.client() as a:
+        await registered(a, smtp)
+        clock.advance(61)
+        async with server.client(headers={"user-agent": "Mozilla/5.0 (iPhone) Safari/604.1"}) as b:
+            await login(b)
+            await submit_code(b, code_in((await wait_mail(smtp, "jane@example.com", 2))[-1]))
+            page = await a.get("/dashboard")
+            assert "Safari on iPhone" in page.text and "(this device)" in page.text  # the list of sessions
+            token = await get_csrf(a, "/dashboard")
+            await a.post("/logout", data={"csrf_token": token})
+            assert (await b.get("/dashboard")).status_code == 200  # sign-out ends only its own session
+            clock.advance(61)
+            await login(a)
+            await submit_code(a, code_in((await wait_mail(smtp, "jane@example.com", 3))[-1]))
+            token = await get_csrf(a, "/dashboard")
+            r = await a.post("/logout/everywhere", data={"csrf_token": token})
+            assert r.status_code == 303
+            assert (await b.get("/dashboard")).status_code == 303
+    revoked = await server.services.db.fetch_all(sa.select(auth_sessions.c.revoked_at))
+    assert all(r.revoked_at is not None for r in revoked)
+
+
+async def test_idle_timeout_ends_session(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await registered(c, smtp)
+        clock.advance(29 * 60)
+        assert (await c.get("/dashboard")).status_code == 200
+        clock.advance(29 * 60)
+        assert (await c.get("/dashboard")).status_code == 200  # activity keeps it alive
+        clock.advance(30 * 60 + 1)
+        assert (await c.get("/dashboard")).status_code == 303
+
+
+async def test_absolute_timeout_is_checked_on_the_server(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await registered(c, smtp)
+        for _ in range(30):
+            clock.advance(29 * 60)
+            r = await c.get("/dashboard")
+            if r.status_code != 200:
+                break
+        assert r.status_code == 303
+        assert clock.now() - FixedClock().now() <= __import__("datetime").timedelta(hours=12, minutes=30)
+
+
+# --- settings (23) -----------------------------------------------------------------------
+
+
+def test_secret_key_under_32_bytes_is_refused() -> None:
+    with pytest.raises(SettingsError, match="32 bytes"):
+        Settings(secret_key="short", app_env="test")
+
+
+def test_production_refuses_to_start_without_secret_key_or_smtp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import load_settings
+
+    monkeypatch.setenv("APP_ENV", "production")
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    with pytest.raises(SettingsError, match="32 bytes"):
+        load_settings(env_file=None)
+    monkeypatch.setenv("SECRET_KEY", "k" * 40)
+    monkeypatch.delenv("SMTP_HOST", raising=False)
+    with pytest.raises(SettingsError, match="SMTP_HOST"):
+        load_settings(env_file=None)
+
+
+def test_development_generates_a_key_once_and_keeps_it(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
+    monkeypatch.delenv("SECRET_KEY", raising=False)
+    monkeypatch.setenv("APP_ENV", "development")
+    first = load_settings(env_file=None).secret_key
+    assert len(first) >= 32 and load_settings(env_file=None).secret_key == first
+
+
+# --- headers (24-27) ---------------------------------------------------------------------
+
+
+async def test_security_headers_on_pages_fragments_and_errors(client: httpx.AsyncClient) -> None:
+    token = await get_csrf(client, "/login")
+    responses = [
+        await client.get("/login"),
+        await client.get("/no-such-page"),
+        await client.post("/login", data={"csrf_token": token, "login": ""}, headers={"HX-Request": "true"}),
+        await client.post("/login", data={}),
+    ]
+    for r in responses:
+        csp = r.headers["content-security-policy"]
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        for part in ("object-src 'none'", "base-uri 'none'", "frame-ancestors 'none'", "script-src 'self'"):
+            assert part in csp
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"]
+        assert "camera=()" in r.headers["permissions-policy"]
+        assert r.headers["cache-control"] == "no-store"
+        assert "hx-request" in r.headers["vary"].lower()
+    assert responses[1].status_code == 404 and "Page not found" in responses[1].text
+
+
+async def test_pages_have_no_inline_scripts_styles_or_handlers(client: httpx.AsyncClient) -> None:
+    for path in ("/", "/login", "/register"):
+        html = (await client.get(path)).text
+        assert not re.search(r"<script(?![^>]*\bsrc=)", html)
+        assert "<style" not in html and " style=" not in html
+        assert not re.search(r"\son[a-z]+=", html)
+        assert '"allowEval":false' in html and '"selfRequestsOnly":true' in html
+        assert '"includeIndicatorStyles":false' in html and '"historyCacheSize":0' in html
+        assert 'hx-history="false"' in html
+
+
+async def test_codes_and_emails_never_appear_in_urls(server: Running, smtp: Capture) -> None:
+    seen: list[str] = []
+
+    async def record(response: httpx.Response) -> None:
+        seen.append(str(response.request.url))
+        for h in ("location", "hx-location", "hx-push-url", "hx-redirect"):
+            if h in response.headers:
+                seen.append(response.headers[h])
+
+    async with server.client(event_hooks={"response": [record]}) as c:
+        await register(c, htmx=True)
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        await submit_code(c, code, htmx=True)
+    assert not any(code in u or "jane" in u or "%40" in u for u in seen), seen
+
+
+# --- rate limits (13) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/register", "/login", "/verify", "/verify/resend"])
+async def test_per_ip_limit_answers_429_with_retry_after(settings: Settings, clock: FixedClock, path: str) -> None:
+    async with running(with_(settings, rate_limit="3/minute"), clock) as server, server.client() as c:
+        await register(c)  # a pending code step, so /verify routes have something to act on
+        token = await get_csrf(c, "/verify" if path.startswith("/verify") else path)
+        statuses = [(await c.post(path, data={"csrf_token": token})).status_code for _ in range(5)]
+        assert statuses[-1] == 429, statuses
+        r = await c.post(path, data={"csrf_token": token}, headers={"HX-Request": "true"})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0 and "Too many attempts" in r.text
+
+
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(settings: Settings, clock: FixedClock) -> None:
+    import ipaddress
+
+    trusted = with_(settings, rate_limit="2/minute", trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    async with running(trusted, clock) as server:
+        async with server.client() as c:
+            token = await get_csrf(c, "/login")
+            for i in range(4):
+                r = await c.post("/login", data={"csrf_token": token, "login": "x", "password": "y"},
+                                 headers={"X-Forwarded-For": f"198.18.0.{i}"})
+                assert r.status_code == 422  # behind a trusted proxy, each is its own client
+    async with running(with_(settings, rate_limit="2/minute"), clock) as server, server.client() as c:
+        token = await get_csrf(c, "/login")
+        codes = []
+        for i in range(4):
+            r = await c.post("/login", data={"csrf_token": token, "login": "x", "password": "y"},
+                             headers={"X-Forwarded-For": f"198.18.0.{i}"})
+            codes.append(r.status_code)
+        assert codes[-1] == 429  # not trusted: spoofed headers change nothing
+
+
+async def test_rate_limits_in_redis_are_shared_between_workers(settings: Settings, clock: FixedClock) -> None:
+    import os
+    import uuid
+
+    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+    try:
+        import redis
+
+        redis.Redis.from_url(url).ping()
+    except Exception:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("Redis is not running")
+    shared = with_(settings, rate_limit="3/minute", rate_limit_storage=url)
+    import ipaddress
+
+    shared = with_(shared, trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    ip = f"198.19.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"
+    statuses = []
+    async with running(shared, clock) as w1, running(shared, clock) as w2:
+        async with w1.client() as a, w2.client() as b:
+            ta, tb = await get_csrf(a, "/login"), await get_csrf(b, "/login")
+            for i in range(6):
+                c, t = (a, ta) if i % 2 else (b, tb)
+                r = await c.post("/login", data={"csrf_token": t, "login": "x", "password": "y"},
+                                 headers={"X-Forwarded-For": ip})
+                statuses.append(r.status_code)
+    assert statuses[:3] == [422, 422, 422] and statuses[3:] == [429, 429, 429]
+
+
+# --- enumeration (14, 15): see test_auth_register/test_auth_login -------------------------
+
+# --- audit and logs (28, 29) -------------------------------------------------------------
+
+
+async def test_every_auth_event_is_stored_and_logged(server: Running, smtp: Capture, clock: FixedClock,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="app.audit")
+    async with server.client() as c:
+        await register(c)
+        right = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        for _ in range(5):
+            await submit_code(c, "000000" if right != "000000" else "111111")
+        clock.advance(61)
+        await c.post("/verify/resend", data={"csrf_token": await get_csrf(c, "/verify")})
+        clock.advance(3600)
+        await c.post("/verify/resend", data={"csrf_token": await get_csrf(c, "/verify")})
+        code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        await submit_code(c, code)
+        await c.post("/logout", data={"csrf_token": await get_csrf(c, "/dashboard")})
+    rows = await server.services.db.fetch_all(sa.select(auth_events))
+    events = {r.event for r in rows}
+    assert {"registered", "code_sent", "code_failed", "locked", "verified", "signed_in", "signed_out"} <= events
+    assert all(r.ip == "127.0.0.1" and r.created_at.tzinfo is not None for r in rows)
+    logged = [r.getMessage() for r in caplog.records if r.name == "app.audit"]
+    customer_id = rows[0].customer_id
+    assert any(f"event=locked customer={customer_id} ip=127.0.0.1 time=" in m for m in logged)
+
+
+async def test_cr_lf_in_user_input_is_escaped_in_logs(server: Running, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="app.audit")
+    async with server.client(headers={"user-agent": "evil\r\nauth event=signed_in customer=1"}) as c:
+        await login(c, "nobody", "whatever-123")
+    (line,) = [r.getMessage() for r in caplog.records if "password_failed" in r.getMessage()]
+    assert "\n" not in line and "\r" not in line and "\\x0d\\x0a" in line
+
+
+async def test_production_logs_never_hold_code_password_or_cookie_even_at_debug(
+    settings: Settings, clock: FixedClock, smtp: Capture, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    root = logging.getLogger()
+    old_level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        prod = with_(settings, app_env="production")
+        async with running(prod, clock) as server, server.client(base_url="https://shop.example") as c:
+            await register(c)
+            code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+            await submit_code(c, code)
+            cookie = c.cookies["__Host-session"]
+            await c.get("/dashboard")
+    finally:
+        root.setLevel(old_level)
+    out = capsys.readouterr()
+    text = out.out + out.err + caplog.text + "\n".join(str(r.args) for r in caplog.records)
+    assert code not in text and PASSWORD not in text and cookie not in text
+    assert "event=verified" in text  # the flow did log

@@ -1,0 +1,176 @@
+"""Page objects for the sign-up and sign-in steps. They find things the way a person (or a
+screen reader) does: by role and accessible name, and by label; never by CSS class or id.
+
+`js` says whether the page runs with JavaScript: with it, htmx swaps each step into
+<main> and a 6-digit code submits itself; without it, forms post and redirect.
+"""
+
+from __future__ import annotations
+
+import re
+
+from playwright.sync_api import Locator, Page, expect
+
+from e2e.api import Customer
+
+STEP_TITLES = {"registration": "Confirm your email", "login": "Enter your sign-in code"}
+
+
+class RegisterPage:
+    path = "/register"
+
+    def __init__(self, page: Page, *, js: bool = True) -> None:
+        self.page, self.js = page, js
+        self.heading = page.get_by_role("heading", level=1, name="Create an account")
+        self.full_name = page.get_by_label("Full name", exact=True)
+        self.username = page.get_by_label("Username", exact=True)
+        self.email = page.get_by_label("Email", exact=True)
+        self.password = page.get_by_label("Password", exact=True)
+        self.confirm_password = page.get_by_label("Confirm password", exact=True)
+        self.submit_button = page.get_by_role("button", name="Create account", exact=True)
+        self.alert = page.get_by_role("alert")
+        self.sign_in_link = page.get_by_role("link", name="Sign in", exact=True)
+
+    def open(self) -> RegisterPage:
+        self.page.goto(self.path)
+        expect(self.heading).to_be_visible()
+        return self
+
+    def fill(self, customer: Customer, *, confirm: str | None = None) -> RegisterPage:
+        self.full_name.fill(customer.full_name)
+        self.username.fill(customer.username)
+        self.email.fill(customer.email)
+        self.password.fill(customer.password)
+        self.confirm_password.fill(customer.password if confirm is None else confirm)
+        return self
+
+    def submit(self) -> None:
+        self.submit_button.click()
+
+    def register(self, customer: Customer) -> VerifyPage:
+        """Fill in and send the form; returns the code step once it shows."""
+        self.fill(customer).submit()
+        return VerifyPage(self.page, js=self.js).expect_shown("registration")
+
+    def expect_field_error(self, field: Locator, message: str | re.Pattern[str]) -> None:
+        """The field is marked invalid and its error is part of its accessible description."""
+        expect(field).to_have_attribute("aria-invalid", "true")
+        expect(field).to_have_accessible_description(message if isinstance(message, re.Pattern)
+                                                     else re.compile(re.escape(message)))
+
+
+class LoginPage:
+    path = "/login"
+    WRONG_PASSWORD = "That username or email and password do not match an account."
+
+    def __init__(self, page: Page, *, js: bool = True) -> None:
+        self.page, self.js = page, js
+        self.heading = page.get_by_role("heading", level=1, name="Sign in")
+        self.login = page.get_by_label("Username or email", exact=True)
+        self.password = page.get_by_label("Password", exact=True)
+        self.submit_button = page.get_by_role("button", name="Sign in", exact=True)
+        self.alert = page.get_by_role("alert")
+        self.notice = page.get_by_role("status")
+
+    def open(self) -> LoginPage:
+        self.page.goto(self.path)
+        return self.expect_shown()
+
+    def expect_shown(self) -> LoginPage:
+        expect(self.page).to_have_url(re.compile(r"/login(\?.*)?$"))
+        expect(self.heading).to_be_visible()
+        return self
+
+    def submit(self, login: str, password: str) -> None:
+        self.login.fill(login)
+        self.password.fill(password)
+        self.submit_button.click()
+
+    def sign_in(self, login: str, password: str) -> VerifyPage:
+        """Password step of a customer with sign-in codes on; returns the code step."""
+        self.submit(login, password)
+        return VerifyPage(self.page, js=self.js).expect_shown("login")
+
+
+class VerifyPage:
+    path = "/verify"
+    TIMER_RUNNING = re.compile(r"^You can ask for a new code in (\d+) s\.$")
+    TIMER_DONE = "You can ask for a new code now."
+
+    def __init__(self, page: Page, *, js: bool = True) -> None:
+        self.page, self.js = page, js
+        self.code = page.get_by_label("Verification code", exact=True)
+        self.verify_button = page.get_by_role("button", name="Verify", exact=True)
+        self.resend_button = page.get_by_role("button", name="Resend code", exact=True)
+        self.timer = page.get_by_role("timer")
+        self.alert = page.get_by_role("alert")
+        self.start_again = page.get_by_role("link", name="Start again", exact=True)
+
+    def heading(self, purpose: str) -> Locator:
+        return self.page.get_by_role("heading", level=1, name=STEP_TITLES[purpose])
+
+    def open(self, purpose: str) -> VerifyPage:
+        self.page.goto(self.path)
+        return self.expect_shown(purpose)
+
+    def expect_shown(self, purpose: str) -> VerifyPage:
+        expect(self.heading(purpose)).to_be_visible()
+        expect(self.page).to_have_url(re.compile(r"/verify$"))
+        expect(self.code).to_be_visible()
+        return self
+
+    def submit_code(self, code: str) -> None:
+        """Enter a code as a person would. With JavaScript the sixth digit sends the form by
+        itself (so pressing Verify too would send it twice); without, press Verify."""
+        if self.js:
+            # app.js marks the field once it listens; filling it earlier would not auto-submit.
+            expect(self.code).to_have_attribute("data-wired", "1")
+            self.code.fill(code)
+        else:
+            self.code.fill(code)
+            self.verify_button.click()
+
+    def expect_wrong_code(self, attempts_left: int) -> None:
+        word = "attempt" if attempts_left == 1 else "attempts"
+        expect(self.alert).to_have_text(f"That code is not right. {attempts_left} {word} left.")
+        expect(self.code).to_have_accessible_description(re.compile("That code is not right"))
+
+    def seconds_left(self) -> int:
+        """The resend countdown as shown (fails when it is not running)."""
+        text = self.timer.inner_text().strip()
+        found = self.TIMER_RUNNING.match(text)
+        if not found:
+            raise AssertionError(f"the resend countdown is not running: {text!r}")
+        return int(found.group(1))
+
+    def resend(self) -> None:
+        self.resend_button.click()
+
+
+class DashboardPage:
+    path = "/dashboard"
+
+    def __init__(self, page: Page, *, js: bool = True) -> None:
+        self.page, self.js = page, js
+        self.sign_out_button = page.get_by_role("button", name="Sign out", exact=True)
+        self.sign_out_everywhere_button = page.get_by_role("button", name="Sign out everywhere", exact=True)
+
+    def heading(self, customer: Customer) -> Locator:
+        return self.page.get_by_role("heading", level=1, name=f"Hello, {customer.full_name}", exact=True)
+
+    def expect_shown(self, customer: Customer) -> DashboardPage:
+        expect(self.page).to_have_url(re.compile(r"/dashboard$"))
+        expect(self.heading(customer)).to_be_visible()
+        return self
+
+    def sign_out(self) -> LoginPage:
+        self.sign_out_button.click()
+        login = LoginPage(self.page, js=self.js).expect_shown()
+        expect(login.notice).to_have_text("You are signed out.")
+        return login
+
+    def sign_out_everywhere(self) -> LoginPage:
+        self.sign_out_everywhere_button.click()
+        login = LoginPage(self.page, js=self.js).expect_shown()
+        expect(login.notice).to_have_text("You are signed out on every device.")
+        return login

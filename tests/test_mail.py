@@ -1,0 +1,251 @@
+"""Mail: multipart messages, the outbox, retries, slow and dead servers, several dispatchers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import pytest
+import sqlalchemy as sa
+
+from app.clock import FixedClock, SystemClock
+from app.mail import outbox
+from app.mail.dispatcher import Dispatcher, backoff
+from app.mail.messages import build
+from app.mail.transport import ConsoleTransport, SmtpTransport
+from app.settings import Settings
+from app.tables import mail_outbox
+from tests.conftest import (
+    CODE_LINE, Capture, Running, code_in, free_port, get_csrf, html_of, register, running, start_capture, text_of,
+    wait_mail, with_,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def test_code_mail_is_multipart_with_one_standalone_code() -> None:
+    msg = build("login_code", {"name": "Jane", "code": "012345", "minutes": 10}, recipient="j@example.com",
+                sender="Computer Shop <no-reply@shop.example>")
+    assert msg.is_multipart() and msg.get_content_type() == "multipart/alternative"
+    assert CODE_LINE.findall(text_of(msg)) == ["012345"]
+    assert not re.search(r"(?<!\d)\d{6}(?!\d)", text_of(msg).replace("012345", ""))
+    html = html_of(msg)
+    assert "012345" in html and "<script" not in html.lower() and "<img" not in html.lower()
+    assert "display:none" in html  # the preheader
+    assert msg["From"] == "Computer Shop <no-reply@shop.example>"
+
+
+def test_user_values_are_escaped_and_header_injection_is_impossible() -> None:
+    msg = build("registration_code", {"name": "<b>Jane</b>\r\nBcc: victim@example.com", "code": "123456",
+                                      "minutes": 15}, recipient="j@example.com", sender="no-reply@shop.example")
+    assert "&lt;b&gt;Jane&lt;/b&gt;" in html_of(msg)
+    assert msg["Bcc"] is None and "\r\nBcc" not in text_of(msg)
+    with pytest.raises(ValueError):
+        build("login_code", {"name": "x", "code": "123456", "minutes": 10},
+              recipient="a@example.com\r\nBcc: b@example.com", sender="no-reply@shop.example")
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    assert [backoff(n) for n in (1, 2, 3, 10)] == [2, 4, 8, 300]
+
+
+async def test_code_is_queued_in_the_same_transaction_and_sent(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await register(c)
+    (msg,) = await wait_mail(smtp, "jane@example.com")
+    assert code_in(msg) in html_of(msg)
+    await asyncio.sleep(0.05)
+    row = await server.services.db.fetch_one(sa.select(mail_outbox))
+    assert row.status == "sent" and row.tries == 1 and row.sent_at is not None
+
+
+async def test_smtp_down_then_up_delivers_within_retry_schedule_and_never_500(
+    settings: Settings, smtp: Capture
+) -> None:
+    port = free_port()  # nothing listens yet: connection refused
+    clock = FixedClock()
+    async with running(with_(settings, smtp_port=port), clock) as server, server.client() as c:
+        r = await register(c, htmx=True)
+        assert r.status_code == 200
+        await asyncio.sleep(0.3)
+        row = await server.services.db.fetch_one(sa.select(mail_outbox))
+        assert row.status == "queued" and row.tries == 1 and "Connect" in (row.last_error or "")
+        page = await c.get("/verify")
+        assert "Sending your code" in page.text  # the customer sees the state, not an error
+        capture = Capture()
+        controller = start_capture(capture, port)
+        try:
+            clock.advance(backoff(1))
+            server.services.mailer.notify()
+            (msg,) = await wait_mail(capture, "jane@example.com")
+            assert CODE_LINE.search(text_of(msg))
+            await asyncio.sleep(0.05)
+            page = await c.get("/verify/delivery")
+            assert "Email sent" in page.text
+        finally:
+            controller.stop()
+
+
+async def test_slow_server_never_holds_up_the_page(settings: Settings, smtp: Capture, clock: FixedClock) -> None:
+    smtp.delay = 3.0
+    async with running(settings, clock) as server, server.client() as c:
+        await register(c, username="first", email="first@example.com")
+        await asyncio.sleep(0.2)
+        assert smtp.holding.is_set(), "the server is holding the first message"
+        r = await register(c, username="second", email="second@example.com")
+        assert r.status_code == 303
+        assert smtp.holding.is_set() and smtp.to("first@example.com") == []  # answered while the mail waits
+        page = await c.get("/verify")
+        assert "Sending your code" in page.text and 'hx-get="/verify/delivery"' in page.text
+        await wait_mail(smtp, "second@example.com", timeout=10)
+
+
+async def test_expired_message_is_not_sent(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    svc = server.services
+    await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="late@example.com", now=clock.now(),
+                         context={"name": "x", "code": "123456", "minutes": 10},
+                         expires_at=clock.now())
+    await svc.mailer.drain()
+    row = await svc.db.fetch_one(sa.select(mail_outbox))
+    assert row.status == "expired" and row.payload is None and smtp.to("late@example.com") == []
+
+
+async def test_permanent_rejection_fails_without_retry(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    smtp.reply = "550 No such user"
+    svc = server.services
+    await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="gone@example.com", now=clock.now(),
+                         context={"name": "x", "code": "123456", "minutes": 10})
+    svc.mailer.notify()
+    for _ in range(100):
+        row = await svc.db.fetch_one(sa.select(mail_outbox))
+        if row.status == "failed":
+            break
+        await asyncio.sleep(0.02)
+    assert row.status == "failed" and row.tries == 1 and "550" in row.last_error
+
+
+async def test_transient_failures_stop_after_the_limit(settings: Settings, clock: FixedClock) -> None:
+    port = free_port()
+    async with running(with_(settings, smtp_port=port, mail_max_tries=3), clock) as server:
+        svc = server.services
+        await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="x@example.com", now=clock.now(),
+                             context={"name": "x", "code": "123456", "minutes": 10})
+        for _ in range(3):
+            await svc.mailer.drain()
+            clock.advance(600)
+        row = await svc.db.fetch_one(sa.select(mail_outbox))
+        assert row.status == "failed" and row.tries == 3
+
+
+async def test_two_dispatchers_on_one_database_send_every_message_exactly_once(
+    settings: Settings, smtp: Capture
+) -> None:
+    async with running(settings, SystemClock()) as server:
+        svc = server.services
+        await svc.mailer.stop()  # only the two under test send
+        for i in range(40):
+            await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient=f"m{i}@example.com",
+                                 now=SystemClock().now(), context={"name": "x", "code": "123456", "minutes": 10})
+        transports = [SmtpTransport("127.0.0.1", smtp.port, security="none", size=4) for _ in range(2)]
+        dispatchers = [Dispatcher(svc.db, t, svc.sealer, SystemClock(), sender="a@b.c", concurrency=4)
+                       for t in transports]
+        await asyncio.gather(*(d.drain() for d in dispatchers))
+        for t in transports:
+            await t.close()
+    for i in range(40):
+        assert len(smtp.to(f"m{i}@example.com")) == 1, i
+    assert len(smtp.messages) == 40
+
+
+async def test_sends_concurrently_over_a_bounded_pool(settings: Settings, smtp: Capture) -> None:
+    smtp.delay = 0.5
+    async with running(with_(settings, smtp_pool_size=4), SystemClock()) as server:
+        svc = server.services
+        for i in range(8):
+            await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient=f"p{i}@example.com",
+                                 now=SystemClock().now(), context={"name": "x", "code": "123456", "minutes": 10})
+        svc.mailer.notify()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while len(smtp.messages) < 8:
+            await asyncio.sleep(0.02)
+        elapsed = loop.time() - start
+    # 8 messages held 0.5 s each over 4 connections: two rounds, not eight
+    assert elapsed < 8 * 0.5 and len(smtp.messages) == 8
+
+
+async def test_production_with_server_down_logs_no_code(settings: Settings, clock: FixedClock,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    prod = with_(settings, app_env="production", smtp_port=free_port())
+    async with running(prod, clock) as server:
+        svc = server.services
+        await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="x@example.com", now=clock.now(),
+                             context={"name": "x", "code": "987654", "minutes": 10})
+        svc.mailer.notify()
+        for _ in range(200):
+            row = await svc.db.fetch_one(sa.select(mail_outbox))
+            if row.status == "queued" and row.last_error:
+                break
+            await asyncio.sleep(0.02)
+        assert row.status == "queued" and row.last_error
+    out = capsys.readouterr()
+    assert "987654" not in out.out + out.err + caplog.text
+
+
+async def test_console_delivery_prints_the_whole_message_in_development(capsys: pytest.CaptureFixture[str]) -> None:
+    msg = build("registration_code", {"name": "Jane", "code": "424242", "minutes": 15}, recipient="j@example.com",
+                sender="no-reply@localhost")
+    await ConsoleTransport().send(msg)
+    out = capsys.readouterr().out
+    assert "424242" in out and "To: j@example.com" in out and "development only" in out
+
+
+def test_production_never_uses_console_delivery() -> None:
+    from app.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="SMTP_HOST"):
+        Settings(app_env="production", secret_key="k" * 40)
+
+
+async def test_dev_inbox_exists_only_in_development(settings: Settings, clock: FixedClock, smtp: Capture) -> None:
+    async with running(settings, clock) as test_mode, test_mode.client() as c:
+        assert (await c.get("/dev/mail")).status_code == 404
+    async with running(with_(settings, app_env="production"), clock) as prod, prod.client() as c:
+        assert (await c.get("/dev/mail")).status_code == 404
+    dev = with_(settings, app_env="development", smtp_host=None)
+    async with running(dev, clock) as server, server.client() as c:
+        await register(c)
+        await server.services.mailer.drain()
+        page = await c.get("/dev/mail")
+        assert page.status_code == 200 and "Your Computer Shop verification code" in page.text
+        assert CODE_LINE.search(page.text.replace("<pre>", "\n").replace("</pre>", "\n")) or re.search(r"\b\d{6}\b", page.text)
+        message_id = re.search(r'src="/dev/mail/(\d+)"', page.text).group(1)  # type: ignore[union-attr]
+        frame = await c.get(f"/dev/mail/{message_id}")
+        assert frame.status_code == 200 and "Welcome to Computer Shop" in frame.text
+        assert "unsafe-inline" in frame.headers["content-security-policy"]
+        assert "script" not in frame.headers["content-security-policy"]
+
+
+async def test_delivery_state_fragment_polls_until_final(server: Running, smtp: Capture) -> None:
+    smtp.delay = 1.0
+    async with server.client() as c:
+        await register(c)
+        r = await c.get("/verify/delivery", headers={"HX-Request": "true"})
+        assert "Sending your code" in r.text and 'hx-trigger="load delay:1s"' in r.text
+        await wait_mail(smtp, "jane@example.com")
+        await asyncio.sleep(0.05)
+        r = await c.get("/verify/delivery", headers={"HX-Request": "true"})
+        assert "Email sent" in r.text and "hx-get" not in r.text
+
+
+async def test_outbox_payload_is_sealed(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await register(c)
+    code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    payload = await server.services.db.fetch_val(sa.select(mail_outbox.c.payload))
+    assert payload and code not in payload and "Jane" not in payload
+    assert server.services.sealer.open(payload)["code"] == code
+    _ = get_csrf

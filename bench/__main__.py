@@ -1,0 +1,303 @@
+"""python -m bench [--quick] [options]: the sign-in benchmark (see bench/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import dbtools, hashbound, report
+from bench.common import REPO, RESULTS, TMP, free_port
+from bench.server import Uvicorn, app_env
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Sign-in flow benchmark of the app")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: few customers, C=1,2, short runs, no scale step, no plot (< 60 s)")
+    p.add_argument("--concurrency", default=None, help="comma-separated closed-loop concurrencies (default 1,8,32)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds before each measurement window (default 3)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of each measurement window (default 20)")
+    p.add_argument("--mail-delay", type=float, default=None,
+                   help="seconds the capture holds every mail in the second pass (default 2; --quick 1)")
+    p.add_argument("--no-slow-mail", action="store_true", help="skip the held-mail pass")
+    p.add_argument("--customers", type=int, default=None, help="customers to seed (default: enough for the runs)")
+    p.add_argument("--hash-seconds", type=float, default=None, help="length of the Argon2 bound step (default 5)")
+    p.add_argument("--workers", type=int, default=2, help="uvicorn workers (default 2)")
+    p.add_argument("--smtp-pool-size", type=int, default=None, help="SMTP_POOL_SIZE for the app (default: app's)")
+    p.add_argument("--db-pool-size", type=int, default=None, help="DB_POOL_SIZE for the app (default: app's)")
+    p.add_argument("--rate-limit", default=None, help="RATE_LIMIT for the app (default: app's, 20/minute)")
+    p.add_argument("--no-scale", action="store_true", help="skip the 1 M customers / 5 M codes step")
+    p.add_argument("--scale-customers", type=int, default=1_000_000)
+    p.add_argument("--scale-codes", type=int, default=5_000_000)
+    p.add_argument("--scale-concurrency", type=int, default=8, help="C of the code-step comparison (default 8)")
+    p.add_argument("--scale-duration", type=float, default=None, help="window of each scale run (default: --duration)")
+    p.add_argument("--profile", action="store_true",
+                   help="add a run at the highest C with py-spy recording each worker (needs py-spy)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--mysql-host", default="127.0.0.1")
+    p.add_argument("--mysql-port", type=int, default=3306)
+    p.add_argument("--mysql-user", default="root")
+    p.add_argument("--mysql-password", default="")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379")
+    p.add_argument("--keep-db", action="store_true", help="do not drop the bench database at the end")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    a = p.parse_args(argv)
+    q = a.quick
+    a.concurrency = [int(x) for x in (a.concurrency or ("1,2" if q else "1,8,32")).split(",")]
+    a.warmup = a.warmup if a.warmup is not None else (1.0 if q else 3.0)
+    a.duration = a.duration if a.duration is not None else (3.0 if q else 20.0)
+    a.mail_delay = a.mail_delay if a.mail_delay is not None else (1.0 if q else 2.0)
+    a.hash_seconds = a.hash_seconds if a.hash_seconds is not None else (1.0 if q else 5.0)
+    a.scale_duration = a.scale_duration if a.scale_duration is not None else a.duration
+    if q:
+        a.no_scale, a.no_plot = True, True
+    return a
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.conn = {"host": args.mysql_host, "port": args.mysql_port, "user": args.mysql_user,
+                     "password": args.mysql_password}
+        self.db = f"bench_{datetime.now(UTC):%Y%m%d_%H%M%S}_{os.getpid()}"
+        self.db_created = False
+        self.secret = secrets.token_urlsafe(48)
+        self.port, self.smtp_port = free_port(), free_port()
+        self.server: Uvicorn | None = None
+        self.next_customer = 1
+        self.next_ip = secrets.randbelow(1 << 16)
+        self.seeded = 0
+        self.tmp = TMP / self.db
+        self.results: dict[str, Any] = {"runs": []}
+
+    @property
+    def database_url(self) -> str:
+        pw = self.conn["password"]
+        return f"mysql+aiomysql://{self.conn['user']}:{pw}@{self.conn['host']}:{self.conn['port']}/{self.db}"
+
+    def settings_env(self) -> dict[str, str]:
+        a = self.args
+        s = {
+            "APP_ENV": "production", "DATABASE_URL": self.database_url, "SECRET_KEY": self.secret,
+            "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.smtp_port), "SMTP_SECURITY": "none",
+            "RATE_LIMIT_STORAGE": a.redis_url, "TRUSTED_PROXIES": "127.0.0.1", "LOOP_MONITOR": "1",
+        }
+        if a.smtp_pool_size:
+            s["SMTP_POOL_SIZE"] = str(a.smtp_pool_size)
+        if a.db_pool_size:
+            s["DB_POOL_SIZE"] = str(a.db_pool_size)
+        if a.rate_limit:
+            s["RATE_LIMIT"] = a.rate_limit
+        return s
+
+    # --- steps -------------------------------------------------------------------------
+
+    def customers_needed(self, bound: float) -> int:
+        a = self.args
+        passes = 1 if a.no_slow_mail else 2
+        per_run = a.warmup + a.duration + 5
+        seconds = passes * len(a.concurrency) * per_run + (a.warmup + a.duration + 5 if a.profile else 0)
+        if not a.no_scale:
+            seconds += a.warmup + a.scale_duration + 5
+        return max(100, int(math.ceil(bound * 1.3 * seconds)) + 50)
+
+    def load_run(self, label: str, concurrency: int, delay: float, *, customers: dict[str, int] | None = None,
+                 duration: float | None = None) -> dict[str, Any]:
+        a = self.args
+        assert self.server is not None
+        duration = a.duration if duration is None else duration
+        if customers is None:
+            left = self.seeded - self.next_customer + 1
+            customers = {"start": self.next_customer, "step": 1, "count": left}
+        code_timeout = max(20.0, 6 * delay + 10)
+        cfg = {
+            "label": label, "base_url": f"http://127.0.0.1:{self.port}", "smtp_port": self.smtp_port,
+            "mail_delay": delay, "concurrency": concurrency, "warmup": a.warmup, "duration": duration,
+            "drain_timeout": code_timeout + 10, "code_timeout": code_timeout, "customers": customers,
+            "ip_offset": self.next_ip, "app_pids": self.server.pids,
+            "extra_pids": {k: v for k, v in (("mysqld", dbtools.mysqld_pid()),) if v},
+        }
+        cfg_path, out_path = self.tmp / f"run-{label}.json", self.tmp / f"result-{label}.json"
+        cfg_path.write_text(json.dumps(cfg))
+        wall0 = time.time()
+        limit = a.warmup + duration + cfg["drain_timeout"] + 60
+        subprocess.run([sys.executable, "-m", "bench.loadgen", str(cfg_path), str(out_path)], cwd=REPO,
+                       check=True, timeout=limit)
+        result = json.loads(out_path.read_text())
+        result["wall_start_utc"] = wall0 + a.warmup
+        result["wall_end_utc"] = wall0 + a.warmup + duration
+        if customers.get("step", 1) == 1:
+            self.next_customer += result["customers_used"]
+        self.next_ip += result["customers_used"] + 1
+        st = result["steps_ms"]
+        log(f"  {label}: {result['flows_per_s'] or 0:.1f} flows/s, errors {result['errors']}, "
+            f"app CPU {result['app_cpu_ms_per_flow'] or 0:.1f} ms/flow, p99 POST /login "
+            f"{st['post_login']['p99'] or 0:.0f} ms, POST /verify {st['post_verify']['p99'] or 0:.0f} ms, "
+            f"code wait p99 {st['code_wait']['p99'] or 0:.0f} ms")
+        return result
+
+    def run(self) -> dict[str, Any]:
+        a, R = self.args, self.results
+        t_all = time.monotonic()
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        R["meta"] = {
+            "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "git": _git_rev(), "cpus": os.cpu_count(), "quick": a.quick,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+            "database": self.db, "workers": a.workers,
+            "app_settings": {k: v for k, v in self.settings_env().items() if k not in ("SECRET_KEY",)},
+        }
+        log(f"hashing bound: {os.cpu_count()} processes x {a.hash_seconds:.0f} s of Argon2id verify (idle machine)")
+        R["hash_bound"] = hashbound.measure(a.hash_seconds)
+        hb = R["hash_bound"]
+        log(f"  {hb['verifies_per_s']:.1f} verifications/s, {hb['cpu_ms_per_verify']:.2f} CPU ms each")
+
+        dbtools.create_database(self.conn, self.db)
+        self.db_created = True
+        env = app_env(self.settings_env())
+        R["setup"] = {"migrate_s": dbtools.migrate(env)}
+        stored = dbtools.password_hash()
+        self.seeded = a.customers or self.customers_needed(hb["verifies_per_s"])
+        R["setup"]["customers_seeded"] = self.seeded
+        R["setup"]["seed_s"] = dbtools.seed_customers(self.conn, self.db, 1, self.seeded, stored)
+        log(f"database {self.db}: migrated in {R['setup']['migrate_s']:.1f} s, "
+            f"{self.seeded} customers seeded in {R['setup']['seed_s']:.1f} s")
+
+        self.server = Uvicorn(env, self.port, a.workers, self.tmp)
+        R["setup"]["uvicorn_start_s"] = self.server.start()
+        log(f"uvicorn on 127.0.0.1:{self.port}, master {self.server.master_pid}, workers {self.server.worker_pids}")
+
+        delays = [0.0] if a.no_slow_mail else [0.0, a.mail_delay]
+        for delay in delays:
+            for c in a.concurrency:
+                label = f"C{c}-mail{delay:g}s"
+                log(f"run {label}")
+                R["runs"].append(self.load_run(label, c, delay))
+
+        if a.profile:
+            R["profile"] = self.profile_run(max(a.concurrency))
+
+        if not a.no_scale:
+            R["scale"] = self.scale_step(stored)
+
+        # One more loop-monitor period so the last run's stalls are written.
+        time.sleep(10.5)
+        R["stalls"] = self.server.stalls()
+        R["server_errors"] = self.server.errors()
+        R["worker_vmhwm_kb_final"] = {str(p): __import__("bench.common", fromlist=["x"]).status_field(p, "VmHWM")
+                                      for p in self.server.worker_pids}
+        self.server.stop()
+        if R.get("scale") and R["scale"].get("loaded"):
+            log("EXPLAIN of the sign-in path against the loaded database")
+            from bench.explain import explain_all
+
+            quiet_app_logging()
+            R["scale"]["explain"] = explain_all(self.conn, self.db, self.database_url, self.secret,
+                                                customer=self.args.scale_customers - 3)
+        R["meta"]["total_s"] = time.monotonic() - t_all
+        return R
+
+    def scale_step(self, stored: str) -> dict[str, Any]:
+        a = self.args
+        out: dict[str, Any] = {"customers": a.scale_customers, "codes": a.scale_codes, "concurrency": a.scale_concurrency}
+        log(f"scale: code step at C={a.scale_concurrency} on the small database")
+        out["empty_db"] = dbtools.table_sizes(self.conn, self.db)
+        out["empty"] = self.load_run(f"scale-empty-C{a.scale_concurrency}", a.scale_concurrency, 0.0,
+                                     duration=a.scale_duration)
+        log(f"scale: loading to {a.scale_customers} customers and +{a.scale_codes} code rows (LOAD DATA LOCAL INFILE)")
+        t = time.monotonic()
+        first_new = self.seeded + 1
+        out["load"] = dbtools.load_scale(self.conn, self.db, customers_total=a.scale_customers, first_new=first_new,
+                                         codes=a.scale_codes, stored_hash=stored, tmp=self.tmp, log=log)
+        out["load"]["total_s"] = time.monotonic() - t
+        out["loaded_db"] = dbtools.table_sizes(self.conn, self.db)
+        log(f"  loaded in {out['load']['total_s']:.0f} s: {out['loaded_db']}")
+        # Fresh customers spread over the whole loaded range (cold pages, as in production).
+        span = a.scale_customers - first_new - 10
+        count = max(100, int(self.results["hash_bound"]["verifies_per_s"] * (a.warmup + a.scale_duration + 5) * 1.3))
+        step = max(1, span // count)
+        customers = {"start": first_new + 3, "step": step, "count": min(count, span // step)}
+        out["loaded"] = self.load_run(f"scale-loaded-C{a.scale_concurrency}", a.scale_concurrency, 0.0,
+                                      customers=customers, duration=a.scale_duration)
+        return out
+
+    def profile_run(self, concurrency: int) -> dict[str, Any]:
+        """The same load with py-spy sampling each worker (its overhead makes this run's numbers
+        unfit for the table; it only says where the CPU goes)."""
+        from bench import profile
+
+        assert self.server is not None
+        log(f"profile: C={concurrency} with py-spy on workers {self.server.worker_pids}")
+        return profile.record_during(self, concurrency)
+
+    def cleanup(self) -> None:
+        if self.server is not None:
+            try:
+                self.server.stop()
+            except Exception as exc:
+                log(f"stopping uvicorn: {exc}")
+        if self.db_created and not self.args.keep_db:
+            try:
+                dbtools.drop_database(self.conn, self.db)
+                log(f"dropped database {self.db}")
+            except Exception as exc:
+                log(f"could not drop {self.db}: {exc}")
+
+
+def quiet_app_logging() -> None:
+    """In-process app (EXPLAIN step): keep its INFO lines out of the bench's output."""
+    import logging
+
+    h = logging.NullHandler()
+    h._computer_shop = True  # type: ignore[attr-defined]
+    logging.getLogger().addHandler(h)
+
+
+def _git_rev() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip() + (
+            "+dirty" if subprocess.run(["git", "status", "--porcelain", "app", "templates", "migrations"], cwd=REPO,
+                                       capture_output=True, text=True).stdout.strip() else "")
+    except Exception:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    finally:
+        bench.cleanup()
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = report.write(results, args.out, plot=not args.no_plot)
+    for path in written:
+        log(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+    ok = all(r["flows"] > 0 for r in results["runs"])
+    summary = report.verdict_line(results)
+    print(summary, flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The foundation: health, error pages, migrations (fresh and legacy), commands, modes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pymysql
+import pytest
+import sqlalchemy as sa
+
+from app.clock import FixedClock
+from app.database import migrate
+from app.settings import Settings
+from app.tables import customers
+from tests.conftest import (
+    PASSWORD, ROOT, Capture, Running, code_in, create_mysql_database, drop_mysql_database, free_port, login,
+    mysql_server, mysql_url, register, registered, running, submit_code, wait_mail, with_,
+)
+
+pytestmark = pytest.mark.anyio
+LEGACY_ROWS = [(1, "alice@example.com", "alice-hash", "+44 1234", 120), (2, "bob@example.com", "bob-hash", None, 0)]
+
+
+async def test_home_page_renders_with_htmx_vendored(client: httpx.AsyncClient) -> None:
+    r = await client.get("/")
+    assert r.status_code == 200 and 'name="viewport"' in r.text
+    assert "/static/vendor/htmx-2.0.11.min.js" in r.text
+    js = await client.get("/static/vendor/htmx-2.0.11.min.js")
+    assert js.status_code == 200 and 'version:"2.0.11"' in js.text.replace(" ", "")
+
+
+async def test_healthz_is_200_when_the_database_answers(client: httpx.AsyncClient) -> None:
+    r = await client.get("/healthz")
+    assert r.status_code == 200 and r.json() == {"database": "ok"}
+
+
+async def test_unknown_page_is_a_friendly_404_and_wrong_method_405(client: httpx.AsyncClient) -> None:
+    r = await client.get("/nope")
+    assert r.status_code == 404 and "Page not found" in r.text
+    r = await client.put("/login")
+    assert r.status_code == 405
+
+
+async def test_test_clock_hook_exists_only_in_test_mode(settings: Settings) -> None:
+    async with running(settings) as server, server.client() as c:
+        before = (await c.get("/_test/clock")).json()["offset"]
+        r = await c.post("/_test/clock", json={"advance": 90})
+        assert r.status_code == 200 and r.json()["offset"] == before + 90
+    for env in ("development", "production"):
+        async with running(with_(settings, app_env=env)) as server, server.client() as c:
+            assert (await c.post("/_test/clock", json={"advance": 90})).status_code in (404, 405)
+            assert (await c.get("/_test/clock")).status_code == 404
+
+
+# --- database down (31) ------------------------------------------------------------------
+
+
+class Proxy:
+    """A TCP proxy in front of MariaDB that the test can cut and restore."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target, self.port = target, free_port()
+        self.server: asyncio.base_events.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.close()
+        self.writers.clear()
+        await asyncio.sleep(0.05)
+
+
+async def test_database_down_gives_503_page_and_counters_survive(
+    backend: str, settings: Settings, smtp: Capture, tmp_path: Path, clock: FixedClock
+) -> None:
+    if backend == "sqlite":
+        db_dir = tmp_path / "dbdir"
+        db_dir.mkdir()
+        url = f"sqlite+aiosqlite:///{db_dir / 'shop.db'}"
+        migrate(url)
+        local = with_(settings, database_url=url)
+        proxy = None
+    else:
+        name = create_mysql_database("shop_down")
+        migrate(mysql_url(name))
+        s = mysql_server()
+        proxy = Proxy((s["host"], s["port"]))
+        await proxy.start()
+        local = with_(settings, database_url=f"mysql+aiomysql://{s['user']}:{s['password']}@127.0.0.1:{proxy.port}/{name}")
+    try:
+        async with running(local, clock) as server, server.client() as c:
+            await register(c)
+            code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+            await c.post("/verify", data={"csrf_token": (await c.get("/verify")).text.split('name="csrf_token" value="')[1].split('"')[0],
+                                          "code": "000000" if code != "000000" else "111111"})
+            if proxy is None:
+                shutil.move(str(db_dir), str(tmp_path / "moved"))
+            else:
+                await proxy.cut()
+            health = await c.get("/healthz")
+            assert health.status_code == 503
+            page = await c.get("/verify")
+            assert page.status_code == 503 and "back in a moment" in page.text and "Retry-After" in page.headers
+            frag = await c.get("/verify", headers={"HX-Request": "true"})
+            assert frag.status_code == 503 and "<html" not in frag.text
+            if proxy is None:
+                shutil.move(str(tmp_path / "moved"), str(db_dir))
+            else:
+                await proxy.start()
+            for _ in range(50):
+                if (await c.get("/healthz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await c.get("/healthz")).status_code == 200
+            row = await server.services.db.fetch_one(sa.select(customers))
+            assert row.otp_attempts == 1  # nothing lost
+            r = await submit_code(c, code)
+            assert r.headers["location"] == "/dashboard"
+    finally:
+        if proxy is not None:
+            proxy.server.close()  # type: ignore[union-attr]
+            drop_mysql_database(name)
+
+
+# --- migrations --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def legacy_database(backend: str, tmp_path: Path) -> Iterator[tuple[str, object]]:
+    """An existing shop database: customers(id, email, password_hash) plus columns of its own."""
+    ddl = ("CREATE TABLE customers (id INTEGER PRIMARY KEY {auto}, email VARCHAR(254) NOT NULL UNIQUE, "
+           "password_hash VARCHAR(255) NOT NULL, phone VARCHAR(32), loyalty_points INTEGER NOT NULL DEFAULT 0)")
+    insert = "INSERT INTO customers (id, email, password_hash, phone, loyalty_points) VALUES ({p}, {p}, {p}, {p}, {p})"
+    if backend == "sqlite":
+        path = tmp_path / "legacy.db"
+        conn = sqlite3.connect(path)
+        conn.execute(ddl.format(auto="AUTOINCREMENT"))
+        conn.executemany(insert.format(p="?"), LEGACY_ROWS)
+        conn.commit()
+        conn.close()
+        yield f"sqlite+aiosqlite:///{path}", lambda q: sqlite3.connect(path).execute(q).fetchall()
+        return
+    name = create_mysql_database("shop_legacy")
+    try:
+        with contextlib.closing(pymysql.connect(**mysql_server(), database=name)) as conn, conn.cursor() as cur:
+            cur.execute(ddl.format(auto="AUTO_INCREMENT"))
+            cur.executemany(insert.format(p="%s"), LEGACY_ROWS)
+            conn.commit()
+
+        def query(q: str) -> list[tuple[object, ...]]:
+            with contextlib.closing(pymysql.connect(**mysql_server(), database=name)) as conn, conn.cursor() as cur:
+                cur.execute(q)
+                return list(cur.fetchall())
+
+        yield mysql_url(name), query
+    finally:
+        drop_mysql_database(name)
+
+
+async def test_migration_upgrades_legacy_customers_keeping_rows_and_columns(backend: str, tmp_path: Path) -> None:
+    with legacy_database(backend, tmp_path) as (url, query):
+        migrate(url)
+        migrate(url)  # idempotent
+        rows = query("SELECT id, email, password_hash, phone, loyalty_points, otp_enabled, otp_attempts, "  # type: ignore[operator]
+                     "session_version FROM customers ORDER BY id")
+        assert [tuple(r[:5]) for r in rows] == LEGACY_ROWS
+        assert all(r[5] in (0, False) and r[6] == 0 and r[7] == 0 for r in rows)
+        tables = {r[0] for r in query("SELECT name FROM sqlite_master WHERE type='table'" if backend == "sqlite"  # type: ignore[operator]
+                                      else "SHOW TABLES")}
+        assert {"customer_otp_verification", "auth_sessions", "auth_events", "mail_outbox", "otp_stats"} <= tables
+
+
+async def test_legacy_customer_signs_in_after_upgrade_and_otp_enable(
+    backend: str, tmp_path: Path, settings: Settings, smtp: Capture, clock: FixedClock
+) -> None:
+    from werkzeug.security import generate_password_hash
+
+    with legacy_database(backend, tmp_path) as (url, query):
+        migrate(url)
+        env = {**os.environ, "DATABASE_URL": url, "APP_ENV": "test", "SECRET_KEY": "k" * 40}
+        legacy_hash = generate_password_hash(PASSWORD, method="pbkdf2:sha256:600000")
+        if backend == "sqlite":
+            conn = sqlite3.connect(url.split("///")[1])
+            conn.execute("UPDATE customers SET password_hash = ?, email_verified_at = created_at", (legacy_hash,))
+            conn.commit()
+            conn.close()
+        else:
+            name = url.rsplit("/", 1)[1]
+            with contextlib.closing(pymysql.connect(**mysql_server(), database=name)) as conn, conn.cursor() as cur:
+                cur.execute("UPDATE customers SET password_hash = %s, email_verified_at = created_at", (legacy_hash,))
+                conn.commit()
+        out = subprocess.run([sys.executable, "-m", "app", "otp", "enable", "--email", "alice@example.com"],
+                             env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+        assert "OTP enabled for 1 customer(s)" in out.stdout
+        missing = subprocess.run([sys.executable, "-m", "app", "otp", "enable", "--email", "nobody@example.com"],
+                                 env=env, capture_output=True, text=True, cwd=ROOT)
+        assert missing.returncode == 1 and "No customer" in missing.stderr
+        async with running(with_(settings, database_url=url), clock) as server:
+            async with server.client() as c:
+                r = await login(c, "alice@example.com")
+                assert r.headers["location"] == "/verify"  # OTP on: a code step
+                assert (await submit_code(c, code_in((await wait_mail(smtp, "alice@example.com"))[0]))).headers[
+                    "location"] == "/dashboard"
+            async with server.client() as c:
+                r = await login(c, "bob@example.com")
+                assert r.headers["location"] == "/dashboard"  # OTP still off for bob
+            hashes = [r.password_hash for r in await server.services.db.fetch_all(sa.select(customers.c.password_hash))]
+            assert all(h.startswith("$argon2id$") for h in hashes)
+        out = subprocess.run([sys.executable, "-m", "app", "otp", "enable", "--all"],
+                             env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+        assert "OTP enabled for 1 customer(s) (every customer)" in out.stdout
+
+
+def test_otp_cleanup_and_migrate_commands(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cmd.db'}"
+    env = {**os.environ, "DATABASE_URL": url, "APP_ENV": "test", "SECRET_KEY": "k" * 40}
+    out = subprocess.run([sys.executable, "-m", "app", "migrate"], env=env, capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert "up to date" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "app", "otp", "cleanup"], env=env, capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert "Deleted 0 finished code(s)" in out.stdout
+
+
+def test_bad_configuration_is_a_clear_message_not_a_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "APP_ENV": "production", "SECRET_KEY": "short"}
+    out = subprocess.run([sys.executable, "-m", "app", "migrate"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "configuration error: SECRET_KEY" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_python_m_app_serves_home_and_healthz_on_embedded_sqlite(tmp_path: Path) -> None:
+    """The README's first command, on a directory with nothing in it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_URL", "SECRET_KEY", "SMTP_", "APP_ENV"))}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+        home = httpx.get(f"http://127.0.0.1:{port}/")
+        assert home.status_code == 200 and "Computer Shop" in home.text
+        assert (tmp_path / "shop.db").exists() and (tmp_path / ".dev-secret-key").exists()
+        assert httpx.get(f"http://127.0.0.1:{port}/dev/mail").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_dashboard_shows_account_and_last_sign_ins(server: Running, smtp: Capture) -> None:
+    async with server.client() as c:
+        await registered(c, smtp)
+        page = (await c.get("/dashboard")).text
+    for text in ("Hello, Jane Doe", "jane@example.com", "Sign-in codes", "On:", "Last sign-ins", "Chrome on Linux",
+                 "127.0.0.1", "Sign out everywhere"):
+        assert text in page, text

@@ -8,7 +8,6 @@ from typing import Any
 
 import pymysql
 import sqlalchemy.exc
-
 from databases import Database
 from databases.core import Connection
 from sqlalchemy.sql import ClauseElement

@@ -40,6 +40,6 @@ def configure_logging(settings: Settings) -> None:
     if settings.is_production:
         for name in QUIET_IN_PRODUCTION:
             logging.getLogger(name).setLevel(logging.WARNING)
-        for handler in root.handlers:
-            if not any(isinstance(f, RedactFilter) for f in handler.filters):
-                handler.addFilter(RedactFilter())
+        for each in root.handlers:
+            if not any(isinstance(f, RedactFilter) for f in each.filters):
+                each.addFilter(RedactFilter())

@@ -207,9 +207,10 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
 
 
 def __getattr__(name: str) -> Any:
-    # `app.main:app` is built on first access, so importing this module has no side effects.
+    # `app.main:app` is built on first access, so importing this module has no side effects
+    # (tests import create_app without a .env or SECRET_KEY in sight).
     if name == "app":
-        global app
-        app = create_app()
-        return app
+        built = create_app()
+        globals()["app"] = built
+        return built
     raise AttributeError(name)

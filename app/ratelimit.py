@@ -7,8 +7,8 @@ import math
 import time
 
 from limits import parse
-from limits.storage import storage_from_string
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
 
 
 class RateLimiter:
@@ -26,4 +26,4 @@ class RateLimiter:
         return max(1, math.ceil(stats.reset_time - time.time()))
 
     async def reset(self) -> None:
-        await self.storage.reset()
+        await self.storage.reset()  # type: ignore[misc]

@@ -107,7 +107,7 @@ def parse_networks(value: str) -> tuple[Network, ...]:
 
 def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides: object) -> Settings:
     """Read settings from the environment (which wins) and an optional `.env` file."""
-    config = Config(env_file if env_file and Path(env_file).exists() else None)
+    config = Config(Path(env_file) if env_file and Path(env_file).exists() else None)
     env = config("APP_ENV", default="development")
     secret = config("SECRET_KEY", default="")
     if not secret and env == "development":

@@ -9,10 +9,18 @@ import pytest
 import sqlalchemy as sa
 
 from app.clock import FixedClock
-from app.security import ARGON2, _DUMMY_HASH, _check_password
+from app.security import _DUMMY_HASH, ARGON2, _check_password
 from app.tables import customers
 from tests.conftest import (
-    PASSWORD, Capture, Running, code_in, login, registered, submit_code, text_of, wait_mail,
+    PASSWORD,
+    Capture,
+    Running,
+    code_in,
+    login,
+    registered,
+    submit_code,
+    text_of,
+    wait_mail,
 )
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,16 @@ import sqlalchemy as sa
 
 from app.tables import customers
 from tests.conftest import (
-    PASSWORD, Capture, Running, code_in, get_csrf, html_of, register, submit_code, text_of, wait_mail,
+    PASSWORD,
+    Capture,
+    Running,
+    code_in,
+    get_csrf,
+    html_of,
+    register,
+    submit_code,
+    text_of,
+    wait_mail,
 )
 
 pytestmark = pytest.mark.anyio

@@ -23,8 +23,23 @@ from app.database import migrate
 from app.settings import Settings
 from app.tables import customers
 from tests.conftest import (
-    PASSWORD, ROOT, Capture, Running, code_in, create_mysql_database, drop_mysql_database, free_port, login,
-    mysql_server, mysql_url, register, registered, running, submit_code, wait_mail, with_,
+    PASSWORD,
+    ROOT,
+    Capture,
+    Running,
+    code_in,
+    create_mysql_database,
+    drop_mysql_database,
+    free_port,
+    login,
+    mysql_server,
+    mysql_url,
+    register,
+    registered,
+    running,
+    submit_code,
+    wait_mail,
+    with_,
 )
 
 pytestmark = pytest.mark.anyio

@@ -17,8 +17,19 @@ from app.mail.transport import ConsoleTransport, SmtpTransport
 from app.settings import Settings
 from app.tables import mail_outbox
 from tests.conftest import (
-    CODE_LINE, Capture, Running, code_in, free_port, get_csrf, html_of, register, running, start_capture, text_of,
-    wait_mail, with_,
+    CODE_LINE,
+    Capture,
+    Running,
+    code_in,
+    free_port,
+    get_csrf,
+    html_of,
+    register,
+    running,
+    start_capture,
+    text_of,
+    wait_mail,
+    with_,
 )
 
 pytestmark = pytest.mark.anyio

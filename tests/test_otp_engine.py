@@ -14,7 +14,17 @@ from app.clock import FixedClock
 from app.otp import Purpose
 from app.tables import auth_sessions, customers, mail_outbox, otp_stats, otp_verification
 from tests.conftest import (
-    Capture, Running, code_in, get_csrf, login, register, registered, resend, submit_code, wait_mail, with_,
+    Capture,
+    Running,
+    code_in,
+    get_csrf,
+    login,
+    register,
+    registered,
+    resend,
+    submit_code,
+    wait_mail,
+    with_,
 )
 
 pytestmark = pytest.mark.anyio
@@ -192,10 +202,9 @@ async def test_lockout_grows_progressively_and_success_resets_it(server: Running
     lengths = []
     for round_ in range(4):
         clock.advance(3601)
+        issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                    customer_id=customer_id, purpose=Purpose.LOGIN, nonce=f"n{round_}", sent_to="x")
         for _ in range(5):
-            issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
-                                        customer_id=customer_id, purpose=Purpose.LOGIN, nonce=f"n{round_}",
-                                        sent_to="x") if _ == 0 else issued
             ch = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id,
                                              nonce=f"n{round_}")
             assert ch is not None

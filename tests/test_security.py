@@ -15,7 +15,17 @@ from app.clock import FixedClock
 from app.settings import Settings, SettingsError
 from app.tables import auth_events, auth_sessions
 from tests.conftest import (
-    PASSWORD, Capture, Running, code_in, get_csrf, login, register, registered, running, submit_code, wait_mail,
+    PASSWORD,
+    Capture,
+    Running,
+    code_in,
+    get_csrf,
+    login,
+    register,
+    registered,
+    running,
+    submit_code,
+    wait_mail,
     with_,
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -59,7 +60,7 @@ def check_password(password: str, *, email: str, username: str) -> str | None:
     return None
 
 
-def registration(data: dict[str, object]) -> Form:
+def registration(data: Mapping[str, object]) -> Form:
     """Validate the registration form."""
     form = Form()
     name = unicodedata.normalize("NFC", _text(data.get("full_name"))).strip()
@@ -97,7 +98,7 @@ def registration(data: dict[str, object]) -> Form:
     return form
 
 
-def login(data: dict[str, object]) -> Form:
+def login(data: Mapping[str, object]) -> Form:
     """Validate the sign-in form (only presence and size: the password check says the rest)."""
     form = Form()
     who = _text(data.get("login")).strip()
@@ -114,7 +115,7 @@ def login(data: dict[str, object]) -> Form:
     return form
 
 
-def code(data: dict[str, object]) -> tuple[str | None, str | None]:
+def code(data: Mapping[str, object]) -> tuple[str | None, str | None]:
     """(six digits, None) or (None, message). Spaces and dashes from a paste are fine."""
     raw = re.sub(r"[\s\-\u2010-\u2015]", "", _text(data.get("code")))
     raw = unicodedata.normalize("NFKC", raw)

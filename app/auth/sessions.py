@@ -57,9 +57,9 @@ async def sign_in(request: Request, customer: Customer, *, ip: str, user_agent: 
 
 async def current(request: Request) -> tuple[SessionRow, Customer] | None:
     """The signed-in customer, checked against the database on every request."""
-    cached = getattr(request.state, "signed_in", False)
-    if cached is not False:
-        return cached  # type: ignore[no-any-return]
+    if hasattr(request.state, "signed_in"):
+        cached: tuple[SessionRow, Customer] | None = request.state.signed_in
+        return cached
     result = None
     sid = request.session.get("sid")
     if isinstance(sid, str):

@@ -157,12 +157,16 @@ async def csrf_ok(request: Request) -> bool:
     expected = request.session.get("csrf")
     if not expected:
         return False
-    sent = request.headers.get(CSRF_HEADER)
-    if not sent:
-        form = await request.form()
-        value = form.get(CSRF_FIELD)
-        sent = value if isinstance(value, str) else None
-    return bool(sent) and hmac.compare_digest(str(sent), str(expected))
+    # The form field first: the step just swapped in carries the current token, while the
+    # hx-headers copy on <body> dates from the last full page load (tokens rotate at sign-in).
+    sent: list[str] = []
+    if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        value = (await request.form()).get(CSRF_FIELD)
+        if isinstance(value, str):
+            sent.append(value)
+    if header := request.headers.get(CSRF_HEADER):
+        sent.append(header)
+    return any(hmac.compare_digest(v.encode(), str(expected).encode()) for v in sent)
 
 
 # --- headers -----------------------------------------------------------------------------

@@ -393,3 +393,19 @@ async def test_production_logs_never_hold_code_password_or_cookie_even_at_debug(
     text = out.out + out.err + caplog.text + "\n".join(str(r.args) for r in caplog.records)
     assert code not in text and PASSWORD not in text and cookie not in text
     assert "event=verified" in text  # the flow did log
+
+
+async def test_stale_header_token_with_current_form_token_is_accepted(server: Running, smtp: Capture) -> None:
+    """htmx sends the body's hx-headers token from the first page load; the swapped-in form
+    carries the rotated one. The current one in either place is enough."""
+    async with server.client() as c:
+        stale = await get_csrf(c, "/register")
+        await register(c, htmx=True)
+        current = await get_csrf(c, "/verify")
+        assert current != stale
+        r = await c.post("/verify", data={"csrf_token": current, "code": "12"},
+                         headers={"HX-Request": "true", "X-CSRF-Token": stale})
+        assert r.status_code == 422 and "The code is 6 digits" in r.text
+        r = await c.post("/verify", data={"csrf_token": stale, "code": "12"},
+                         headers={"HX-Request": "true", "X-CSRF-Token": stale})
+        assert r.status_code == 403

@@ -12,6 +12,7 @@ from typing import Any
 
 import pymysql
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
@@ -40,6 +41,7 @@ from app.settings import Settings, load_settings
 from app.templating import render
 
 log = logging.getLogger("app")
+MAX_BODY = 64 * 1024  # every form here is a few hundred bytes
 DB_DOWN = (OSError, ConnectionError, pymysql.err.OperationalError, pymysql.err.InterfaceError, sqlite3.OperationalError)
 
 
@@ -69,6 +71,18 @@ async def not_found(request: Request, exc: Exception) -> Response:
     return render(request, "errors/404.html", status=status)
 
 
+REQUEST_ERRORS = {
+    400: ("We could not read that form", "Something in the request was malformed. Please fill in the form again."),
+    413: ("That was too much to send", "The form was larger than we accept. Please fill it in again."),
+}
+
+
+async def request_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 400
+    title, message = REQUEST_ERRORS.get(status, REQUEST_ERRORS[400])
+    return render(request, "errors/request.html", {"title": title, "message": message}, status=status)
+
+
 async def server_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, DB_DOWN):
         log.error("database unavailable: %s", type(exc).__name__)
@@ -90,6 +104,34 @@ def _plain_error(name: str, status: int, request: Request) -> Response:
         html = env.get_template(name).render(ctx)
     headers = {"Retry-After": "30"} if status == 503 else None
     return HTMLResponse(html, status_code=status, headers=headers)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over MAX_BODY with the friendly 413 page (inside the session)."""
+
+    def __init__(self, app: ASGIApp, max_body: int = MAX_BODY) -> None:
+        self.app, self.max_body = app, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            response = await request_error(Request(scope), HTTPException(413))
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class ErrorPageMiddleware:
@@ -193,13 +235,17 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
             same_site="lax",
             https_only=settings.is_production,
         ),
+        Middleware(BodyLimitMiddleware),
     ]
     app = Starlette(
         debug=False,
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={404: not_found, 405: not_found, **dict.fromkeys(DB_DOWN, server_error)},
+        exception_handlers={
+            400: request_error, 404: not_found, 405: not_found, 413: request_error,
+            **dict.fromkeys(DB_DOWN, server_error),
+        },
     )
     app.state.settings = settings
     app.state.services = services

@@ -302,3 +302,28 @@ async def test_dashboard_shows_account_and_last_sign_ins(server: Running, smtp: 
     for text in ("Hello, Jane Doe", "jane@example.com", "Sign-in codes", "On:", "Last sign-ins", "Chrome on Linux",
                  "127.0.0.1", "Sign out everywhere"):
         assert text in page, text
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status"),
+    [
+        (b"x=" + b"a" * 70_000, {"content-type": "application/x-www-form-urlencoded"}, 413),
+        (b"--zz\r\nbroken", {"content-type": "multipart/form-data; boundary=zz"}, (400, 403)),
+        (b"\xff\xfe\x00garbage", {"content-type": "application/x-www-form-urlencoded"}, 403),
+        (b"{}", {"content-type": "application/json"}, 403),
+    ],
+)
+async def test_malformed_or_huge_posts_get_a_clear_answer_never_500(
+    client: httpx.AsyncClient, body: bytes, headers: dict[str, str], status: object
+) -> None:
+    await client.get("/login")
+    r = await client.post("/login", content=body, headers=headers)
+    assert r.status_code in (status if isinstance(status, tuple) else (status,))
+    assert r.status_code < 500 and "Computer Shop" in r.text
+
+
+async def test_forged_or_garbled_session_cookie_is_ignored(server: Running) -> None:
+    async with server.client(cookies={"session": "eyJzaWQiOiAieCJ9.forged.sig"}) as c:
+        r = await c.get("/dashboard")
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        assert (await c.get("/verify")).status_code == 303

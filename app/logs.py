@@ -40,6 +40,8 @@ def configure_logging(settings: Settings) -> None:
     if settings.is_production:
         for name in QUIET_IN_PRODUCTION:
             logging.getLogger(name).setLevel(logging.WARNING)
-        for each in root.handlers:
-            if not any(isinstance(f, RedactFilter) for f in each.filters):
-                each.addFilter(RedactFilter())
+        loggers = [root] + [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+        for logger in loggers:  # uvicorn's own handlers included
+            for each in logger.handlers:
+                if not any(isinstance(f, RedactFilter) for f in each.filters):
+                    each.addFilter(RedactFilter())

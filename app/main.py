@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import otp
 from app.account.routes import routes as account_routes
+from app.audit import safe
 from app.auth import sessions
 from app.auth.routes import routes as auth_routes
 from app.clock import Clock, ShiftedClock, SystemClock
@@ -155,7 +156,7 @@ class ErrorPageMiddleware:
         try:
             await self.app(scope, receive, watch)
         except Exception as exc:
-            log.exception("unhandled %s on %s", type(exc).__name__, scope.get("path"))
+            log.exception("unhandled %s on %s", type(exc).__name__, safe(scope.get("path", "")))
             if started:
                 raise
             response = await server_error(Request(scope), exc)
@@ -179,6 +180,8 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
     """Build the application. Tests pass their own settings, mail transport and clock."""
     settings = settings or load_settings()
     configure_logging(settings)
+    if settings.is_production and settings.rate_limit_storage.startswith("memory"):
+        log.warning("RATE_LIMIT_STORAGE=memory:// counts per process: with several workers, use redis://")
     if clock is None:
         clock = ShiftedClock() if settings.is_test else SystemClock()
     db = make_database(settings)
@@ -191,7 +194,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
     )
     services = Services(
         settings=settings, db=db, clock=clock, keys=keys, policy=otp.OtpPolicy.from_settings(settings),
-        sealer=sealer, mailer=mailer, limiter=RateLimiter(settings.rate_limit_storage, settings.rate_limit),
+        sealer=sealer, mailer=mailer, limiter=RateLimiter(settings.rate_limit_storage, settings.rate_limit, settings.login_account_rate_limit),
     )
 
     @contextlib.asynccontextmanager

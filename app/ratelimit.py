@@ -12,11 +12,16 @@ from limits.storage import storage_from_string
 
 
 class RateLimiter:
-    def __init__(self, storage_url: str, limit: str) -> None:
+    def __init__(self, storage_url: str, limit: str, account_limit: str = "10/15minutes") -> None:
         url = storage_url if storage_url.startswith("async+") else "async+" + storage_url
         self.storage = storage_from_string(url)
         self.limiter = MovingWindowRateLimiter(self.storage)
         self.item = parse(limit)
+        self.account_item = parse(account_limit)
+
+    async def hit_account(self, scope: str, key: str) -> bool:
+        """True when this account's limit is used up (a hit is counted either way)."""
+        return not await self.limiter.hit(self.account_item, scope, key)
 
     async def hit(self, scope: str, key: str) -> int:
         """0 when allowed; otherwise the seconds to wait."""

@@ -58,8 +58,14 @@ def _check_password(stored: str | None, password: str) -> tuple[bool, bool]:
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False, False
         return True, ARGON2.check_needs_rehash(stored)
-    # Werkzeug's pbkdf2/scrypt are slow by design; a match is re-hashed to Argon2id by the caller.
-    ok = _verify_werkzeug(stored, password)
+    if not stored.startswith(("pbkdf2:", "scrypt:")):
+        # A format we do not know (bcrypt, md5, ...): no match, at the cost of a real check.
+        return _check_password(None, password)
+    try:
+        # Werkzeug's pbkdf2/scrypt are slow by design; a match is re-hashed to Argon2id by the caller.
+        ok = _verify_werkzeug(stored, password)
+    except (ValueError, TypeError, MemoryError, OverflowError):
+        return _check_password(None, password)  # a damaged stored hash: refuse, never a 500
     return ok, ok
 
 
@@ -138,21 +144,38 @@ def csrf_token(request: Request) -> str:
     return str(value)
 
 
-def same_origin(request: Request) -> bool:
-    """Origin / Sec-Fetch-Site check: refuse what a browser says came from elsewhere."""
+def same_origin(request: Request, trusted: Iterable[Network] = ()) -> bool:
+    """Origin / Sec-Fetch-Site check: refuse what a browser says came from elsewhere.
+
+    The host we compare with is the request's Host, or, from a trusted proxy that rewrites
+    Host, the X-Forwarded-Host it passes on."""
     site = request.headers.get("sec-fetch-site")
     if site and site not in ("same-origin", "none"):
         return False
     origin = request.headers.get("origin")
-    if origin and origin != "null":
-        host = request.headers.get("host", "")
-        return origin.split("://", 1)[-1] == host
-    return origin != "null"
+    if origin is None:
+        return True
+    if origin == "null":
+        return False
+    hosts = {request.headers.get("host", "")}
+    peer = request.client.host if request.client else ""
+    forwarded = request.headers.get("x-forwarded-host")
+    if forwarded and _is_trusted(peer, trusted):
+        hosts.add(forwarded.split(",")[0].strip())
+    return origin.split("://", 1)[-1] in hosts
 
 
-async def csrf_ok(request: Request) -> bool:
+def _is_trusted(peer: str, trusted: Iterable[Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in net for net in trusted)
+
+
+async def csrf_ok(request: Request, trusted: Iterable[Network] = ()) -> bool:
     """True when the request carries the session's token and comes from this site."""
-    if not same_origin(request):
+    if not same_origin(request, trusted):
         return False
     expected = request.session.get("csrf")
     if not expected:

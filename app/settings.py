@@ -44,6 +44,7 @@ class Settings:
     otp_cleanup_interval: int = 300
     rate_limit_storage: str = "memory://"
     rate_limit: str = "20/minute"
+    login_account_rate_limit: str = "10/15minutes"
     trusted_proxies: tuple[Network, ...] = field(default_factory=tuple)
     session_idle_timeout: int = 1800
     session_absolute_timeout: int = 43200
@@ -132,6 +133,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides:
             "otp_cleanup_interval": config("OTP_CLEANUP_INTERVAL", cast=int, default=300),
             "rate_limit_storage": config("RATE_LIMIT_STORAGE", default="memory://"),
             "rate_limit": config("RATE_LIMIT", default="20/minute"),
+            "login_account_rate_limit": config("LOGIN_ACCOUNT_RATE_LIMIT", default="10/15minutes"),
             "trusted_proxies": parse_networks(config("TRUSTED_PROXIES", default="")),
             "session_idle_timeout": config("SESSION_IDLE_TIMEOUT", cast=int, default=1800),
             "session_absolute_timeout": config("SESSION_ABSOLUTE_TIMEOUT", cast=int, default=43200),

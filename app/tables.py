@@ -78,6 +78,10 @@ otp_verification = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("used_at", UTCDateTime, nullable=True),
     sa.Column("invalidated_at", UTCDateTime, nullable=True),
+    # A decoy keeps its own failure ledger, shaped like the customer's, so it behaves alike.
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("locked_until", UTCDateTime, nullable=True),
     sa.Index("ix_otp_customer_open", "customer_id", "used_at", "invalidated_at"),
     sa.Index("ix_otp_expires_at", "expires_at"),
 )

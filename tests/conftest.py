@@ -224,6 +224,7 @@ def settings(db_url: str, smtp: Capture) -> Settings:
         smtp_security="none",
         smtp_timeout=5,
         rate_limit="10000/minute",
+        login_account_rate_limit="10000/minute",
         otp_cleanup_interval=3600,
     )
 

@@ -193,3 +193,31 @@ async def test_bad_login_input_gets_messages_not_500(client: httpx.AsyncClient) 
     assert r.status_code == 422 and "Enter your username or email address." in r.text
     r = await client.post("/login", data={"csrf_token": token, "login": "x" * 300, "password": "p" * 1000})
     assert r.status_code == 422
+
+
+@pytest.mark.parametrize("stored", ["pbkdf2:sha256:abc$salt$00", "pbkdf2:nosuchdigest:1000$s$00",
+                                    "scrypt:99999999999:8:1$s$00", "$2b$12$abcdefghijklmnopqrstuv", "md5$x$y", ""])
+async def test_damaged_or_foreign_hashes_are_refused_not_500(stored: str) -> None:
+    assert _check_password(stored, PASSWORD) == (False, False)
+
+
+async def test_mixed_case_legacy_email_signs_in_and_blocks_duplicates(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    from tests.conftest import register
+
+    hashed = ARGON2.hash(PASSWORD)
+    await server.services.db.execute(
+        customers.insert().values(email="Alice@Example.COM", username="Alice", password_hash=hashed,
+                                  email_verified_at=clock.now(), otp_enabled=False)
+    )
+    async with server.client() as c:
+        assert (await login(c, "alice@example.com")).headers["location"] == "/dashboard"
+    async with server.client() as c:
+        assert (await login(c, "ALICE")).headers["location"] == "/dashboard"
+    async with server.client() as c:
+        r = await register(c, username="alice2", email="alice@example.com")
+        assert r.status_code == 303
+    (notice,) = await wait_mail(smtp, "Alice@Example.COM")
+    assert "already" in notice["Subject"]
+    assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(customers)) == 1

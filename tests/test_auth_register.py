@@ -8,6 +8,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from app.clock import FixedClock
 from app.tables import customers
 from tests.conftest import (
     PASSWORD,
@@ -17,6 +18,7 @@ from tests.conftest import (
     get_csrf,
     html_of,
     register,
+    registered,
     submit_code,
     text_of,
     wait_mail,
@@ -132,8 +134,7 @@ async def test_right_code_with_htmx_answers_hx_location(client: httpx.AsyncClien
 
 async def test_existing_email_gets_same_answer_and_owner_gets_notice(server: Running, smtp: Capture) -> None:
     async with server.client() as first:
-        await post_register(first)
-        await wait_mail(smtp, "jane@example.com")
+        await registered(first, smtp)
     async with server.client() as second:
         new = await post_register(second, htmx=True, username="other", email="fresh@example.com")
     async with server.client() as third:
@@ -156,7 +157,7 @@ def CODE_IN(msg: object) -> list[str]:
 
 async def test_existing_username_gets_same_answer(server: Running, smtp: Capture) -> None:
     async with server.client() as first:
-        await post_register(first)
+        await registered(first, smtp)
     async with server.client() as second:
         r = await post_register(second, username="jane", email="someone@example.com")
     assert r.status_code == 303 and r.headers["location"] == "/verify"
@@ -183,3 +184,62 @@ async def test_name_with_markup_renders_escaped(client: httpx.AsyncClient, smtp:
     page = await client.get("/dashboard")
     assert evil not in page.text and "&lt;img src=x onerror=" in page.text
     assert evil not in html_of(smtp.to("jane@example.com")[0])
+
+
+async def test_unverified_address_can_be_registered_again_by_its_owner(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """Nobody proved the address: a squatter's unverified account does not block its owner."""
+    async with server.client() as squatter:
+        await post_register(squatter, full_name="Squatter", username="squat")
+    clock.advance(61)
+    async with server.client() as owner:
+        r = await post_register(owner, full_name="Jane Owner", username="janeowner")
+        assert r.status_code == 303
+        code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        assert (await submit_code(owner, code)).headers["location"] == "/dashboard"
+        assert "Hello, Jane Owner" in (await owner.get("/dashboard")).text
+    row = await server.services.db.fetch_one(sa.select(customers))
+    assert row.username == "janeowner" and row.email_verified_at is not None
+    assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(customers)) == 1
+
+
+async def _probe(server: Running, clock: FixedClock, email: str, username: str) -> list[tuple[int, str]]:
+    """What a stranger sees: 7 wrong codes, the page, a resend, 5 more, another resend."""
+    import re
+
+    seen: list[tuple[int, str]] = []
+    scrub = re.compile(r'[A-Za-z0-9_-]{43}|\d\d:\d\d UTC|datetime="[^"]+"|[a-z]\*\*\*@example\.com|'
+                       r'data-countdown="\d+"|<span data-seconds>\d+</span>|wait \d+ seconds|\d+ s\.')
+    async with server.client() as c:
+        await register(c, username=username, email=email, htmx=True)
+        for step in range(14):
+            if step in (7, 13):
+                clock.advance(61)
+                token = await get_csrf(c, "/verify")
+                r = await c.post("/verify/resend", data={"csrf_token": token}, headers={"HX-Request": "true"})
+            elif step == 12:
+                r = await c.get("/verify")
+            else:
+                r = await submit_code(c, "000001", htmx=True)
+            seen.append((r.status_code, scrub.sub("", r.text)))
+    return seen
+
+
+async def test_stranger_cannot_tell_existing_address_by_wrong_codes_or_resends(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    async with server.client() as owner:
+        await registered(owner, smtp, email="owner@example.com", username="owner")
+    clock.advance(3600)
+    new = await _probe(server, clock, "fresh@example.com", "fresh")
+    clock.advance(3600)
+    existing = await _probe(server, clock, "owner@example.com", "someone")
+    for i, (a, b) in enumerate(zip(new, existing, strict=True)):
+        assert a == b, f"step {i} differs"
+
+
+@pytest.mark.parametrize("name", ["Visit evil.com now", "http://x.example", "Jane\u2028Doe"])
+async def test_names_with_links_or_line_separators_are_refused(client: httpx.AsyncClient, name: str) -> None:
+    r = await post_register(client, full_name=name)
+    assert r.status_code == 422 and 'id="full_name-error"' in r.text

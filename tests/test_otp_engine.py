@@ -96,10 +96,15 @@ async def test_code_is_single_use(server: Running, smtp: Capture, clock: FixedCl
         await register(c)
         code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
         cookies = dict(c.cookies)
+        token = await get_csrf(c, "/verify")
         assert (await submit_code(c, code)).headers["location"] == "/dashboard"
-    async with server.client(cookies=cookies) as replay:
-        r = await submit_code(replay, code)
-        assert r.status_code != 303 or r.headers["location"] != "/dashboard"
+    async with server.client(cookies=cookies) as replay:  # the pending cookie from before success
+        r = await replay.post("/verify", data={"csrf_token": token, "code": code})
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        r = await replay.post("/verify/resend", data={"csrf_token": token})
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        assert (await replay.get("/verify")).headers["location"] == "/login"
+    assert len(smtp.to("jane@example.com")) == 1, "the replayed step sent no new code"
 
 
 async def test_registration_code_fails_at_login(server: Running, smtp: Capture, clock: FixedClock) -> None:

@@ -409,3 +409,47 @@ async def test_stale_header_token_with_current_form_token_is_accepted(server: Ru
         r = await c.post("/verify", data={"csrf_token": stale, "code": "12"},
                          headers={"HX-Request": "true", "X-CSRF-Token": stale})
         assert r.status_code == 403
+
+
+async def test_one_account_is_limited_across_many_addresses(settings: Settings, clock: FixedClock,
+                                                            smtp: Capture) -> None:
+    import ipaddress
+
+    limited = with_(settings, login_account_rate_limit="3/minute",
+                    trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    async with running(limited, clock) as server:
+        async with server.client() as c:
+            await registered(c, smtp)
+        clock.advance(61)
+        answers = []
+        for i in range(4):
+            async with server.client(headers={"X-Forwarded-For": f"198.18.1.{i}"}) as c:
+                answers.append(await login(c, "JANE", "Wrong-Password-123" if i < 3 else PASSWORD))
+        assert [r.status_code for r in answers] == [422, 422, 422, 422]  # even the right password waits
+        assert "do not match an account" in answers[3].text
+
+
+async def test_origin_behind_a_trusted_proxy_that_rewrites_host(settings: Settings, clock: FixedClock) -> None:
+    import ipaddress
+
+    behind = with_(settings, trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    async with running(behind, clock) as server, server.client(base_url="http://app:8000") as c:
+        token = await get_csrf(c, "/login")
+        ok = await c.post("/login", data={"csrf_token": token, "login": "x", "password": "y"},
+                          headers={"Origin": "https://shop.example", "X-Forwarded-Host": "shop.example"})
+        assert ok.status_code == 422
+    async with running(settings, clock) as server, server.client(base_url="http://app:8000") as c:
+        token = await get_csrf(c, "/login")
+        refused = await c.post("/login", data={"csrf_token": token, "login": "x", "password": "y"},
+                               headers={"Origin": "https://shop.example", "X-Forwarded-Host": "shop.example"})
+        assert refused.status_code == 403  # an untrusted peer's X-Forwarded-Host changes nothing
+
+
+async def test_dev_inbox_is_hidden_from_other_machines(settings: Settings, clock: FixedClock) -> None:
+    dev = with_(settings, app_env="development", smtp_host=None)
+    async with running(dev, clock) as server:
+        transport = httpx.ASGITransport(app=server, client=("203.0.113.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as remote:
+            assert (await remote.get("/dev/mail")).status_code == 404
+        async with server.client() as local:
+            assert (await local.get("/dev/mail")).status_code == 200

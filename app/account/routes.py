@@ -23,7 +23,8 @@ async def dashboard(request: Request) -> Response:
         "current_session": current.id,
         "sign_ins": await queries.recent_sign_ins(svc.db, customer.id),
         "active": await queries.active_sessions(
-            svc.db, customer.id, now=svc.clock.now(), idle=svc.settings.session_idle_timeout
+            svc.db, customer.id, now=svc.clock.now(), idle=svc.settings.session_idle_timeout,
+            absolute=svc.settings.session_absolute_timeout,
         ),
     }
     return render(request, "account/dashboard.html", ctx)

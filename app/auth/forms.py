@@ -11,6 +11,7 @@ from functools import lru_cache
 from email_validator import EmailNotValidError, validate_email
 
 USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{2,29}$")
+LINKISH = re.compile(r"(?i)://|www\.|\.(com|net|org|io|ru|cn|xyz|top|info)\b")
 PASSWORD_MIN, PASSWORD_MAX = 8, 128
 NAME_MAX = 100
 
@@ -74,8 +75,11 @@ def registration(data: Mapping[str, object]) -> Form:
         form.errors["full_name"] = "Enter your full name."
     elif len(name) > NAME_MAX:
         form.errors["full_name"] = f"Use at most {NAME_MAX} characters."
-    elif any(unicodedata.category(ch).startswith("C") for ch in name):
+    elif any(unicodedata.category(ch).startswith("C") or unicodedata.category(ch) in ("Zl", "Zp") for ch in name):
         form.errors["full_name"] = "Your name contains characters we cannot use."
+    elif LINKISH.search(name):
+        # The name is greeted in mail to an address nobody has proved yet: no links in it.
+        form.errors["full_name"] = "Enter your name without web addresses."
 
     if not username:
         form.errors["username"] = "Choose a username."

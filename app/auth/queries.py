@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from databases import Database
 
 from app.database import execute_count
-from app.tables import auth_events, auth_sessions, customers
+from app.tables import auth_events, auth_sessions, customers, otp_verification
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,18 @@ def _customer(rec: object) -> Customer | None:
     )
 
 
+def _same(db: Database, column: sa.Column[str], value: str) -> sa.ColumnElement[bool]:
+    """Case-insensitive equality. MySQL's default collations already ignore case (and keep
+    using the index); SQLite compares bytes, so both sides are lower-cased there."""
+    if db.url.dialect == "sqlite":
+        return sa.func.lower(column) == value.lower()
+    return column == value
+
+
 async def find_customer(db: Database, *, login: str) -> Customer | None:
-    """By email (when it looks like one) or username."""
+    """By email (when it looks like one) or username, ignoring case."""
     col = customers.c.email if "@" in login else customers.c.username
-    value = login.lower() if "@" in login else login
-    return _customer(await db.fetch_one(sa.select(*_COLS).where(col == value)))
+    return _customer(await db.fetch_one(sa.select(*_COLS).where(_same(db, col, login))))
 
 
 async def get_customer(db: Database, customer_id: int) -> Customer | None:
@@ -66,11 +73,11 @@ async def get_customer(db: Database, customer_id: int) -> Customer | None:
 async def find_conflict(db: Database, *, email: str, username: str) -> tuple[Customer | None, Customer | None]:
     """(customer with this email, customer with this username)."""
     rows = await db.fetch_all(
-        sa.select(*_COLS).where(sa.or_(customers.c.email == email, customers.c.username == username))
+        sa.select(*_COLS).where(sa.or_(_same(db, customers.c.email, email), _same(db, customers.c.username, username)))
     )
     found = [_customer(r) for r in rows]
-    by_email = next((c for c in found if c and c.email == email), None)
-    by_username = next((c for c in found if c and c.username == username), None)
+    by_email = next((c for c in found if c and c.email.lower() == email.lower()), None)
+    by_username = next((c for c in found if c and (c.username or "").lower() == username.lower()), None)
     return by_email, by_username
 
 
@@ -93,6 +100,22 @@ async def create_customer(
             )
         )
     )
+
+
+async def reset_unverified(
+    db: Database, customer_id: int, *, username: str, full_name: str, password_hash: str
+) -> bool:
+    """Start an account whose email was never verified over with new details."""
+    async with db.connection() as conn:
+        return bool(
+            await execute_count(
+                conn,
+                customers.update()
+                .where(customers.c.id == customer_id, customers.c.email_verified_at.is_(None))
+                .values(username=username, full_name=full_name, password_hash=password_hash,
+                        session_version=customers.c.session_version + 1),
+            )
+        )
 
 
 async def set_password_hash(db: Database, customer_id: int, password_hash: str) -> None:
@@ -180,8 +203,14 @@ async def revoke_session(db: Database, session_hash: str, now: datetime) -> None
 
 
 async def revoke_all(db: Database, customer_id: int, now: datetime) -> None:
-    """End every session of a customer: rows revoked and the version bumped."""
+    """End every session of a customer: rows revoked, the version bumped, open codes void."""
     async with db.transaction():
+        await db.execute(
+            otp_verification.update()
+            .where(otp_verification.c.customer_id == customer_id, otp_verification.c.used_at.is_(None),
+                   otp_verification.c.invalidated_at.is_(None))
+            .values(invalidated_at=now)
+        )
         await db.execute(
             auth_sessions.update()
             .where(auth_sessions.c.customer_id == customer_id, auth_sessions.c.revoked_at.is_(None))
@@ -194,7 +223,9 @@ async def revoke_all(db: Database, customer_id: int, now: datetime) -> None:
         )
 
 
-async def active_sessions(db: Database, customer_id: int, *, now: datetime, idle: int) -> list[SessionRow]:
+async def active_sessions(
+    db: Database, customer_id: int, *, now: datetime, idle: int, absolute: int
+) -> list[SessionRow]:
     s = auth_sessions
     rows = await db.fetch_all(
         sa.select(s.c.id, s.c.customer_id, s.c.created_at, s.c.last_seen_at, s.c.ip, s.c.user_agent)
@@ -202,6 +233,7 @@ async def active_sessions(db: Database, customer_id: int, *, now: datetime, idle
             s.c.customer_id == customer_id,
             s.c.revoked_at.is_(None),
             s.c.last_seen_at > now - timedelta(seconds=idle),
+            s.c.created_at > now - timedelta(seconds=absolute),
         )
         .order_by(s.c.last_seen_at.desc())
         .limit(20)

@@ -20,7 +20,7 @@ from app.auth.queries import Customer
 from app.database import INTEGRITY_ERRORS
 from app.htmx import redirect, wants_fragment
 from app.mail import outbox
-from app.security import check_password, csrf_ok, hash_password
+from app.security import check_password, csrf_ok, hash_password, sha256_hex
 from app.services import Services, ip_of, services, ua_of
 from app.templating import render
 
@@ -36,9 +36,10 @@ def guarded(scope: str) -> Callable[[Endpoint], Endpoint]:
     def decorate(endpoint: Endpoint) -> Endpoint:
         @wraps(endpoint)
         async def wrapper(request: Request) -> Response:
-            if not await csrf_ok(request):
+            svc = services(request)
+            if not await csrf_ok(request, svc.settings.trusted_proxies):
                 return render(request, "errors/403.html", status=403)
-            wait = await services(request).limiter.hit(scope, ip_of(request))
+            wait = await svc.limiter.hit(scope, ip_of(request))
             if wait:
                 return render(
                     request, "errors/429.html", {"retry_after": wait}, status=429, headers={"Retry-After": str(wait)}
@@ -77,7 +78,18 @@ async def register_submit(request: Request) -> Response:
 
     by_email, by_username = await queries.find_conflict(svc.db, email=email, username=username)
     challenge_id: int | None = None
-    if by_email is None and by_username is None:
+    if (
+        by_email is not None and by_email.email_verified_at is None
+        and (by_username is None or by_username.id == by_email.id)
+        and await queries.reset_unverified(svc.db, by_email.id, username=username,
+                                           full_name=form.values["full_name"], password_hash=password_hash)
+    ):
+        # Nobody ever proved this address: whoever registers it now starts over, and the
+        # code goes to the mailbox, so only its owner can finish. No squatting on addresses.
+        customer = await queries.get_customer(svc.db, by_email.id)
+        assert customer is not None
+        challenge_id = await _send_code(svc, customer, purpose=otp.Purpose.REGISTRATION, nonce=nonce, ip=ip, ua=ua)
+    elif by_email is None and by_username is None:
         try:
             async with svc.db.transaction():
                 customer_id = await queries.create_customer(
@@ -165,6 +177,12 @@ async def login_submit(request: Request) -> Response:
     if not form.ok:
         return render(request, "auth/login.html", {"form": form}, status=422)
     ip, ua = ip_of(request), ua_of(request)
+    # Per account as well as per address: guessing one customer's password from many
+    # addresses meets the same limit. Answered like a wrong password, so it tells nothing.
+    if await svc.limiter.hit_account("login-account", sha256_hex(form.values["login"].lower())):
+        form.errors["form"] = "That username or email and password do not match an account."
+        await audit.record(svc.db, "password_failed", customer_id=None, ip=ip, user_agent=ua, now=svc.clock.now())
+        return render(request, "auth/login.html", {"form": form}, status=422)
     customer = await queries.find_customer(svc.db, login=form.values["login"])
     ok, rehash = await check_password(customer.password_hash if customer else None, str(data["password"]))
     now = svc.clock.now()
@@ -273,7 +291,8 @@ async def _code_step_after_post(request: Request) -> Response:
 
 async def verify_form(request: Request) -> Response:
     challenge = await _load(request)
-    if challenge is None:
+    if challenge is None or challenge.used_at is not None:
+        request.session.pop("pending", None)
         return redirect(request, "/login")
     return render(request, "auth/verify.html", await _step_context(request, challenge))
 
@@ -289,7 +308,8 @@ MESSAGES = {
 async def verify_submit(request: Request) -> Response:
     svc = services(request)
     challenge = await _load(request)
-    if challenge is None:
+    if challenge is None or challenge.used_at is not None:
+        request.session.pop("pending", None)
         return redirect(request, "/login")
     code, problem = forms.code(dict(await request.form()))
     if code is None:
@@ -300,7 +320,9 @@ async def verify_submit(request: Request) -> Response:
     ip, ua, now = ip_of(request), ua_of(request), svc.clock.now()
     if verdict.status == "verified" and verdict.customer_id is not None:
         customer = await queries.get_customer(svc.db, verdict.customer_id)
-        assert customer is not None
+        if customer is None:  # deleted while the code was on its way
+            request.session.clear()
+            return redirect(request, "/login")
         if verdict.purpose is otp.Purpose.REGISTRATION:
             await queries.mark_verified(svc.db, customer.id, now)
         await sessions.sign_in(request, customer, ip=ip, user_agent=ua)
@@ -331,7 +353,8 @@ async def resend(request: Request) -> Response:
     svc = services(request)
     challenge = await _load(request)
     p = sessions.pending(request)
-    if challenge is None or p is None:
+    if challenge is None or p is None or challenge.used_at is not None:
+        request.session.pop("pending", None)  # a finished step is not a way back in
         return redirect(request, "/login")
     now, ip, ua = svc.clock.now(), ip_of(request), ua_of(request)
     if challenge.locked_until and challenge.locked_until > now:
@@ -345,7 +368,7 @@ async def resend(request: Request) -> Response:
         owner = await queries.get_customer(svc.db, challenge.customer_id) if challenge.customer_id else None
         new_id = await otp.stand_in(
             svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=challenge.customer_id,
-            purpose=challenge.purpose, nonce=p["n"], sent_to=challenge.sent_to, kind=otp.DECOY,
+            purpose=challenge.purpose, nonce=p["n"], sent_to=challenge.sent_to, kind=otp.DECOY, carry=challenge,
         )
         if owner is not None and not await _recent_decoy_mail(svc, recipient=owner.email, now=now, exclude=new_id):
             await outbox.enqueue(

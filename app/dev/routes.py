@@ -14,7 +14,15 @@ from app.services import services
 from app.templating import render
 
 
+def _local(request: Request) -> bool:
+    """The inbox shows codes: only to a browser on this machine, even in development."""
+    host = request.client.host if request.client else ""
+    return host in ("127.0.0.1", "::1", "localhost", "testclient") or host.startswith("127.")
+
+
 async def dev_mail(request: Request) -> Response:
+    if not _local(request):
+        return HTMLResponse("Not found", status_code=404)
     svc = services(request)
     items = []
     for item in await outbox.recent(svc.db, svc.sealer, limit=50):
@@ -27,6 +35,8 @@ async def dev_mail(request: Request) -> Response:
 
 async def dev_mail_html(request: Request) -> Response:
     """One message's HTML part, framed by /dev/mail; its own CSP lets the mail's inline styles work."""
+    if not _local(request):
+        return HTMLResponse("Not found", status_code=404)
     svc = services(request)
     wanted = request.path_params["message_id"]
     for item in await outbox.recent(svc.db, svc.sealer, limit=50):

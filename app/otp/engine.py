@@ -85,6 +85,8 @@ class Challenge:
     locked_until: datetime | None
     last_sent_at: datetime | None
     code_hash: str = ""
+    failures: int = 0  # a decoy's own ledger
+    lockouts: int = 0
 
     @property
     def real(self) -> bool:
@@ -203,6 +205,7 @@ async def stand_in(
     nonce: str,
     sent_to: str,
     kind: str,
+    carry: Challenge | None = None,
 ) -> int:
     """A challenge no code was mailed for (placeholder or decoy). It can never verify, and it
     neither invalidates the customer's real codes nor touches their cooldown."""
@@ -219,6 +222,10 @@ async def stand_in(
             attempts=0,
             created_at=now,
             expires_at=now + timedelta(seconds=policy.ttl(purpose)),
+            # A re-issued decoy keeps its failure ledger, as a customer's would.
+            failures=carry.failures if carry else 0,
+            lockouts=carry.lockouts if carry else 0,
+            locked_until=carry.locked_until if carry else None,
         )
     )
     return challenge_id
@@ -234,6 +241,7 @@ async def rebind_open(
         .where(
             otp_verification.c.customer_id == customer_id,
             otp_verification.c.purpose == purpose.value,
+            otp_verification.c.kind == CODE,
             otp_verification.c.used_at.is_(None),
             otp_verification.c.invalidated_at.is_(None),
             otp_verification.c.expires_at > now,
@@ -268,6 +276,9 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
             o.c.invalidated_at,
             o.c.session_binding,
             o.c.code_hash,
+            o.c.failures,
+            o.c.lockouts,
+            o.c.locked_until,
             c.c.otp_locked_until,
             c.c.otp_last_sent_at,
         )
@@ -287,10 +298,29 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
         expires_at=rec.expires_at,
         used_at=rec.used_at,
         invalidated_at=rec.invalidated_at,
-        locked_until=rec.otp_locked_until,
+        locked_until=rec.locked_until if rec.kind == DECOY else rec.otp_locked_until,
         last_sent_at=rec.otp_last_sent_at,
         code_hash=rec.code_hash,
+        failures=rec.failures,
+        lockouts=rec.lockouts,
     )
+
+
+@dataclass(frozen=True)
+class _Ledger:
+    table: sa.Table
+    key: int
+    failures: sa.Column[int]
+    lockouts: sa.Column[int]
+    locked_until: sa.Column[datetime]
+
+
+def _ledger(challenge: Challenge) -> _Ledger:
+    """Where this challenge's failures count: the customer row, or a decoy's own row."""
+    o, c = otp_verification, customers
+    if challenge.kind == DECOY or challenge.customer_id is None:
+        return _Ledger(o, challenge.id, o.c.failures, o.c.lockouts, o.c.locked_until)
+    return _Ledger(c, challenge.customer_id, c.c.otp_attempts, c.c.otp_lockouts, c.c.otp_locked_until)
 
 
 async def verify(
@@ -336,33 +366,35 @@ async def verify(
                 .where(c.c.id == challenge.customer_id)
                 .values(otp_attempts=0, otp_lockouts=0, otp_locked_until=None)
             )
+            # Every other open code (and the pending steps that hold them) ends here.
+            await conn.execute(
+                o.update()
+                .where(o.c.customer_id == challenge.customer_id, o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+                .values(invalidated_at=now)
+            )
             return Verdict("verified", customer_id=challenge.customer_id, purpose=challenge.purpose)
         attempts = await conn.fetch_val(sa.select(o.c.attempts).where(o.c.id == challenge.id))
         code_left = max(0, policy.max_attempts - int(attempts))
-        if challenge.customer_id is None or challenge.kind == DECOY:
-            # A stand-in challenge (the address already had an account): counted per code
-            # only, so a stranger cannot lock the owner out through it, and shaped alike.
-            if code_left == 0:
-                return Verdict("locked", locked_until=now + timedelta(seconds=policy.lockout(0)))
-            return Verdict("wrong", attempts_left=code_left)
-        # Per-customer failures: across codes, sessions and workers; a resend never resets them.
-        await conn.execute(c.update().where(c.c.id == challenge.customer_id).values(otp_attempts=c.c.otp_attempts + 1))
-        state = await conn.fetch_one(
-            sa.select(c.c.otp_attempts, c.c.otp_lockouts).where(c.c.id == challenge.customer_id)
+        # Failures across codes, sessions and workers; a resend never resets them. A decoy
+        # counts on its own row, so a stranger cannot lock the owner out through it.
+        ledger = _ledger(challenge)
+        table, row_id = ledger.table, ledger.key
+        await conn.execute(
+            table.update().where(table.c.id == row_id).values({ledger.failures: ledger.failures + 1})
         )
+        state = await conn.fetch_one(sa.select(ledger.failures, ledger.lockouts).where(table.c.id == row_id))
         assert state is not None
-        failures, level = int(state.otp_attempts), int(state.otp_lockouts)
+        failures, level = int(state[0]), int(state[1])
         if failures >= policy.max_attempts:
             until = now + timedelta(seconds=policy.lockout(level))
             locked = await execute_count(
                 conn,
-                c.update()
-                .where(c.c.id == challenge.customer_id, c.c.otp_attempts >= policy.max_attempts)
-                .values(otp_locked_until=until, otp_lockouts=c.c.otp_lockouts + 1, otp_attempts=0),
+                table.update()
+                .where(table.c.id == row_id, ledger.failures >= policy.max_attempts)
+                .values({ledger.locked_until: until, ledger.lockouts: ledger.lockouts + 1, ledger.failures: 0}),
             )
-            if locked:
-                return Verdict("locked", customer_id=challenge.customer_id, locked_until=until)
-            current = await conn.fetch_val(sa.select(c.c.otp_locked_until).where(c.c.id == challenge.customer_id))
-            return Verdict("locked", customer_id=challenge.customer_id, locked_until=current)
+            if not locked:
+                until = await conn.fetch_val(sa.select(ledger.locked_until).where(table.c.id == row_id))
+            return Verdict("locked", customer_id=challenge.customer_id if challenge.real else None, locked_until=until)
         left = min(code_left, policy.max_attempts - failures)
         return Verdict("wrong", customer_id=challenge.customer_id, attempts_left=left)

@@ -98,7 +98,12 @@ def upgrade() -> None:
         sa.Column("expires_at", DT, nullable=False),
         sa.Column("used_at", DT, nullable=True),
         sa.Column("invalidated_at", DT, nullable=True),
+        # A decoy keeps its own failure ledger, shaped like the customer's, so it behaves alike.
+        sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("locked_until", DT, nullable=True),
         mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
     )
     op.create_index("ix_otp_customer_open", "customer_otp_verification", ["customer_id", "used_at", "invalidated_at"])
     op.create_index("ix_otp_expires_at", "customer_otp_verification", ["expires_at"])
@@ -110,6 +115,7 @@ def upgrade() -> None:
         sa.Column("codes", sa.Integer, nullable=False, server_default="0"),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         mysql_engine="InnoDB",
+        mysql_charset="utf8mb4",
     )
     op.create_table(
         "auth_sessions",

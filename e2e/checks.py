@@ -91,7 +91,8 @@ class Layout:
 
 def measure_layout(page: Page) -> Layout:
     raw: dict[str, Any] = page.evaluate(_MEASURE)
-    too_small, exempt = [], []
+    too_small: list[str] = []
+    exempt: list[str] = []
     for t in raw["targets"]:
         if t["height"] >= MIN_TARGET and t["width"] >= MIN_TARGET:
             continue

@@ -78,20 +78,25 @@ def exempt_targets() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def chromium_path() -> str:
-    path = os.environ.get("CHROMIUM_PATH") or "/usr/bin/chromium"
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        reason = (f"Chromium not found at {path} (set CHROMIUM_PATH, or apt-get install chromium; "
-                  "`playwright install` cannot download here)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI: {reason}", pytrace=False)
-        pytest.skip(reason)
-    return path
+def chromium_path(playwright: Any) -> str | None:
+    """CHROMIUM_PATH, else Debian's /usr/bin/chromium, else (None) Playwright's own download."""
+    wanted = os.environ.get("CHROMIUM_PATH")
+    for path in [wanted] if wanted else ["/usr/bin/chromium"]:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    if not wanted and os.path.isfile(playwright.chromium.executable_path):
+        return None
+    reason = (f"Chromium not found at {wanted or '/usr/bin/chromium'} (set CHROMIUM_PATH, or apt-get install "
+              "chromium; `playwright install chromium` where it can download)")
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any], chromium_path: str) -> dict[str, Any]:
-    return {**browser_type_launch_args, "executable_path": chromium_path, "args": CHROMIUM_FLAGS}
+def browser_type_launch_args(browser_type_launch_args: dict[str, Any], chromium_path: str | None) -> dict[str, Any]:
+    found = {"executable_path": chromium_path} if chromium_path else {}
+    return {**browser_type_launch_args, **found, "args": CHROMIUM_FLAGS}
 
 
 @pytest.fixture
@@ -137,9 +142,9 @@ def axe_page(new_context: Any) -> Page:
 
 
 @pytest.fixture
-def device_page(new_context: Any, playwright: Any, request: pytest.FixtureRequest) -> Page:
+def device_page(new_context: Any, playwright: Any, device_name: str) -> Page:
     """A page in the named Playwright device profile (parametrize `device_name`)."""
-    profile = dict(playwright.devices[request.getfixturevalue("device_name")])
+    profile = dict(playwright.devices[device_name])
     profile.pop("default_browser_type", None)  # always Chromium here
     return new_context(**profile).new_page()
 
@@ -164,14 +169,15 @@ def smtp_capture(qa_base_url: str | None) -> Iterator[SmtpCapture | None]:
 
 
 @pytest.fixture(scope="session")
-def local_server(qa_base_url: str | None, smtp_capture: SmtpCapture | None, delete_output_dir: None,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer | None]:
-    # delete_output_dir (pytest-playwright) empties e2e/artifacts first: the log comes after.
+def local_server(pytestconfig: pytest.Config, qa_base_url: str | None, smtp_capture: SmtpCapture | None,
+                 delete_output_dir: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer | None]:
+    # delete_output_dir (pytest-playwright) empties the output folder first: the log comes after.
     if qa_base_url:
         yield None
         return
     assert smtp_capture is not None
-    server = LocalServer(tmp_path_factory.mktemp("e2e-server"), ARTIFACTS / "server.log", smtp_port=smtp_capture.port)
+    log = Path(pytestconfig.getoption("--output")).resolve() / "server.log"
+    server = LocalServer(tmp_path_factory.mktemp("e2e-server"), log, smtp_port=smtp_capture.port)
     try:
         server.start()
     except ServerFailed as exc:
@@ -206,6 +212,12 @@ def _clock_or_reason(base_url: str) -> tuple[ServerClock | None, str]:
     clock = ServerClock(base_url)
     reason = clock.probe()
     return (None, reason) if reason else (clock, "")
+
+
+@pytest.fixture
+def optional_clock(_clock_or_reason: tuple[ServerClock | None, str]) -> ServerClock | None:
+    """The server's clock where the hook exists, else None (for tests that only check more with it)."""
+    return _clock_or_reason[0]
 
 
 @pytest.fixture

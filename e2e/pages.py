@@ -14,6 +14,16 @@ from playwright.sync_api import Locator, Page, expect
 from e2e.api import Customer
 
 STEP_TITLES = {"registration": "Confirm your email", "login": "Enter your sign-in code"}
+ERROR_PAGES = re.compile(r"^(Please start again|Too many attempts|Something went wrong on our side|"
+                         r"We will be back in a moment|Page not found|Not allowed here)$")
+
+
+def expect_step(page: Page, step: Locator) -> None:
+    """Wait for `step` to show; fail at once, with the app's words, if an error page shows instead."""
+    error = page.get_by_role("heading", level=1, name=ERROR_PAGES)
+    expect(step.or_(error).first).to_be_visible()
+    if error.count() and error.first.is_visible():
+        raise AssertionError(f"expected {step}, but the app showed: {page.get_by_role('main').inner_text()!r}")
 
 
 class RegisterPage:
@@ -77,8 +87,8 @@ class LoginPage:
         return self.expect_shown()
 
     def expect_shown(self) -> LoginPage:
+        expect_step(self.page, self.heading)
         expect(self.page).to_have_url(re.compile(r"/login(\?.*)?$"))
-        expect(self.heading).to_be_visible()
         return self
 
     def submit(self, login: str, password: str) -> None:
@@ -94,7 +104,7 @@ class LoginPage:
 
 class VerifyPage:
     path = "/verify"
-    TIMER_RUNNING = re.compile(r"^You can ask for a new code in (\d+) s\.$")
+    TIMER_RUNNING = re.compile(r"^\s*You can ask for a new code in (\d+) s\.\s*$")
     TIMER_DONE = "You can ask for a new code now."
 
     def __init__(self, page: Page, *, js: bool = True) -> None:
@@ -114,7 +124,7 @@ class VerifyPage:
         return self.expect_shown(purpose)
 
     def expect_shown(self, purpose: str) -> VerifyPage:
-        expect(self.heading(purpose)).to_be_visible()
+        expect_step(self.page, self.heading(purpose))
         expect(self.page).to_have_url(re.compile(r"/verify$"))
         expect(self.code).to_be_visible()
         return self
@@ -132,7 +142,9 @@ class VerifyPage:
 
     def expect_wrong_code(self, attempts_left: int) -> None:
         word = "attempt" if attempts_left == 1 else "attempts"
-        expect(self.alert).to_have_text(f"That code is not right. {attempts_left} {word} left.")
+        message = f"That code is not right. {attempts_left} {word} left."
+        expect_step(self.page, self.alert.filter(has_text=message))
+        expect(self.alert).to_have_text(message)
         expect(self.code).to_have_accessible_description(re.compile("That code is not right"))
 
     def seconds_left(self) -> int:
@@ -159,8 +171,8 @@ class DashboardPage:
         return self.page.get_by_role("heading", level=1, name=f"Hello, {customer.full_name}", exact=True)
 
     def expect_shown(self, customer: Customer) -> DashboardPage:
+        expect_step(self.page, self.heading(customer))
         expect(self.page).to_have_url(re.compile(r"/dashboard$"))
-        expect(self.heading(customer)).to_be_visible()
         return self
 
     def sign_out(self) -> LoginPage:

@@ -23,6 +23,7 @@ PINNED = {
     "SMTP_HOST": "127.0.0.1",
     "SMTP_SECURITY": "none",
     "RATE_LIMIT": "10000/minute",
+    "LOGIN_ACCOUNT_RATE_LIMIT": "10000/minute",
     "RATE_LIMIT_STORAGE": "memory://",
     "OTP_REGISTRATION_TTL": "900",
     "OTP_LOGIN_TTL": "600",

@@ -20,17 +20,7 @@ def test_home_page_renders_with_htmx_and_no_console_errors(page: Page, browser_p
     assert page.evaluate("() => window.htmx && window.htmx.version") == HTMX_VERSION
     # Everything is loaded now; an error logged from here on would have come with the page.
     page.wait_for_load_state("networkidle")
-    errors = [(text, url) for text, url in browser_problems.console_errors if not url.endswith("/favicon.ico")]
-    assert not errors, f"console errors on the home page: {errors}"
-
-
-@pytest.mark.xfail(strict=True, reason="app: no favicon, so Chromium logs a 404 console error on every page load "
-                                       "(see e2e/README.md, 'Known app issues')")
-def test_pages_declare_an_icon_so_the_browser_does_not_ask_for_a_missing_favicon(page: Page) -> None:
-    page.goto("/")
-    declares_icon = page.locator("link[rel~='icon']").count() > 0
-    favicon = page.request.get("/favicon.ico")
-    assert declares_icon or favicon.ok, f"no <link rel=icon> and GET /favicon.ico is {favicon.status}"
+    assert not browser_problems.console_errors, f"console errors on the home page: {browser_problems.console_errors}"
 
 
 def test_csp_guard_sees_a_blocked_inline_script(page: Page, browser_problems: BrowserProblems) -> None:

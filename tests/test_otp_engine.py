@@ -349,3 +349,13 @@ async def test_max_attempts_is_a_setting(server: Running, smtp: Capture, setting
         assert "1 attempt left" in (await submit_code(c, wrong)).text
         await submit_code(c, wrong)
         assert (await submit_code(c, right)).status_code == 422
+
+
+async def test_resend_without_javascript_confirms_once(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    async with server.client() as c:
+        await register(c)
+        clock.advance(61)
+        r = await resend(c)
+        assert r.status_code == 303 and r.headers["location"] == "/verify"
+        assert "A new code is on its way" in (await c.get("/verify")).text
+        assert "A new code is on its way" not in (await c.get("/verify")).text

@@ -294,9 +294,11 @@ async def verify_form(request: Request) -> Response:
     if challenge is None or challenge.used_at is not None:
         request.session.pop("pending", None)
         return redirect(request, "/login")
-    return render(request, "auth/verify.html", await _step_context(request, challenge))
+    notice = RESENT if request.session.pop("notice", None) == "resent" else None
+    return render(request, "auth/verify.html", await _step_context(request, challenge, notice=notice))
 
 
+RESENT = "A new code is on its way. Earlier codes no longer work."
 MESSAGES = {
     "invalid": "This code has been replaced by a newer one or already used. Use the newest code, or request a new one.",
     "dead": "Too many wrong entries for this code. Request a new code.",
@@ -402,11 +404,11 @@ async def resend(request: Request) -> Response:
         new_id = issued.challenge_id
     sessions.set_pending_challenge(request, new_id)
     if not wants_fragment(request):
+        request.session["notice"] = "resent"  # shown once by the next GET /verify
         return redirect(request, "/verify")
     fresh = await _load(request)
     assert fresh is not None
-    ctx = await _step_context(request, fresh, notice="A new code is on its way. Earlier codes no longer work.",
-                              announce=True)
+    ctx = await _step_context(request, fresh, notice=RESENT, announce=True)
     return render(request, "auth/verify.html", ctx)
 
 

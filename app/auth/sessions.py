@@ -33,6 +33,7 @@ def set_pending_challenge(request: Request, challenge_id: int) -> None:
     p = pending(request)
     if p is not None:
         request.session["pending"] = {"c": challenge_id, "n": p["n"]}
+        request.session.pop("notice", None)
 
 
 async def sign_in(request: Request, customer: Customer, *, ip: str, user_agent: str) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pymysql
 import sqlalchemy.exc
@@ -15,6 +17,7 @@ from sqlalchemy.sql import ClauseElement
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 
 # `databases` lets the driver's own exceptions through.
 INTEGRITY_ERRORS = (sqlite3.IntegrityError, pymysql.err.IntegrityError, sqlalchemy.exc.IntegrityError)
@@ -30,6 +33,9 @@ def make_database(settings: Settings) -> Database:
         max_size=settings.db_pool_size,
         pool_recycle=3600,
         charset="utf8mb4",
+        # Every rule here is a guarded single-row UPDATE; REPEATABLE READ's gap locks would
+        # only make concurrent sign-ins of different customers deadlock on index ranges.
+        init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
     )
 
 
@@ -47,6 +53,27 @@ def migrate(database_url: str, revision: str = "head") -> None:
     config.set_main_option("script_location", str(ROOT / "migrations"))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     command.upgrade(config, revision)
+
+
+DEADLOCK_CODES = {1213, 1205}  # deadlock, lock wait timeout
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """A transient lock conflict worth one more try, not a database outage."""
+    return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and exc.args[0] in DEADLOCK_CODES
+
+
+async def transact(db: Database, work: Callable[[], Awaitable[T]], *, tries: int = 3) -> T:
+    """Run `work` in a transaction, again after a deadlock (each try starts afresh)."""
+    for attempt in range(tries):
+        try:
+            async with db.transaction():
+                return await work()
+        except Exception as exc:
+            if attempt == tries - 1 or not is_deadlock(exc):
+                raise
+            await asyncio.sleep(0.005 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 async def execute_count(conn: Connection, query: ClauseElement) -> int:

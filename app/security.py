@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
+import os
 import secrets
 from collections.abc import Iterable
 from functools import lru_cache
@@ -69,14 +70,26 @@ def _check_password(stored: str | None, password: str) -> tuple[bool, bool]:
     return ok, ok
 
 
+_hashers: anyio.CapacityLimiter | None = None
+
+
+def _hashing_slots() -> anyio.CapacityLimiter:
+    """At most one Argon2 run per core at a time in this process: each takes 19 MiB and a
+    core, so more threads only add memory and starve the event loop."""
+    global _hashers
+    if _hashers is None:
+        _hashers = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+    return _hashers
+
+
 async def check_password(stored: str | None, password: str) -> tuple[bool, bool]:
     """Verify off the event loop. Returns (matches, needs rehash to Argon2id)."""
-    return await anyio.to_thread.run_sync(_check_password, stored, password)
+    return await anyio.to_thread.run_sync(_check_password, stored, password, limiter=_hashing_slots())
 
 
 async def hash_password(password: str) -> str:
     """Argon2id hash, computed off the event loop."""
-    return await anyio.to_thread.run_sync(ARGON2.hash, password)
+    return await anyio.to_thread.run_sync(ARGON2.hash, password, limiter=_hashing_slots())
 
 
 # --- keys and tokens ---------------------------------------------------------------------

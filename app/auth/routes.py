@@ -17,7 +17,7 @@ from starlette.routing import Route
 from app import audit, otp
 from app.auth import forms, queries, sessions
 from app.auth.queries import Customer
-from app.database import INTEGRITY_ERRORS
+from app.database import INTEGRITY_ERRORS, transact
 from app.htmx import redirect, wants_fragment
 from app.mail import outbox
 from app.security import check_password, csrf_ok, hash_password, sha256_hex
@@ -91,21 +91,17 @@ async def register_submit(request: Request) -> Response:
         challenge_id = await _send_code(svc, customer, purpose=otp.Purpose.REGISTRATION, nonce=nonce, ip=ip, ua=ua)
     elif by_email is None and by_username is None:
         try:
-            async with svc.db.transaction():
+            async def create() -> tuple[int, otp.Issued]:
                 customer_id = await queries.create_customer(
                     svc.db, username=username, email=email, full_name=form.values["full_name"],
                     password_hash=password_hash, now=now,
                 )
-                issued = await otp.issue(
-                    svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer_id,
-                    purpose=otp.Purpose.REGISTRATION, nonce=nonce, sent_to=sent_to,
+                return customer_id, await _issue_code(
+                    svc, customer_id=customer_id, email=email, name=form.values["full_name"],
+                    purpose=otp.Purpose.REGISTRATION, nonce=nonce, sent_to=sent_to, now=now,
                 )
-                await outbox.enqueue(
-                    svc.db, svc.sealer, kind="registration_code", recipient=email, now=now,
-                    customer_id=customer_id, challenge_id=issued.challenge_id, expires_at=issued.expires_at,
-                    context={"name": form.values["full_name"], "code": issued.code,
-                             "minutes": minutes(svc.policy.registration_ttl)},
-                )
+
+            customer_id, issued = await transact(svc.db, create)
             challenge_id = issued.challenge_id
             svc.mailer.notify()
             await audit.record(svc.db, "registered", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
@@ -206,24 +202,31 @@ async def login_submit(request: Request) -> Response:
     return await _code_step_after_post(request)
 
 
+async def _issue_code(
+    svc: Services, *, customer_id: int, email: str, name: str, purpose: otp.Purpose, nonce: str, sent_to: str,
+    now: datetime,
+) -> otp.Issued:
+    """A new code and its mail, queued together (call inside a transaction)."""
+    issued = await otp.issue(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer_id,
+                             purpose=purpose, nonce=nonce, sent_to=sent_to)
+    await outbox.enqueue(
+        svc.db, svc.sealer, now=now, recipient=email, customer_id=customer_id,
+        kind="registration_code" if purpose is otp.Purpose.REGISTRATION else "login_code",
+        challenge_id=issued.challenge_id, expires_at=issued.expires_at,
+        context={"name": name, "code": issued.code, "minutes": minutes(svc.policy.ttl(purpose))},
+    )
+    return issued
+
+
 async def _send_code(svc: Services, customer: Customer, *, purpose: otp.Purpose, nonce: str, ip: str, ua: str) -> int:
     """Issue and queue a code; inside the cooldown, hand over the open one or a placeholder."""
     now = svc.clock.now()
     sent_to = forms.mask_email(customer.email)
-    ttl = svc.policy.ttl(purpose)
     try:
-        async with svc.db.transaction():
-            issued = await otp.issue(
-                svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
-                purpose=purpose, nonce=nonce, sent_to=sent_to,
-            )
-            await outbox.enqueue(
-                svc.db, svc.sealer, now=now, recipient=customer.email, customer_id=customer.id,
-                kind="registration_code" if purpose is otp.Purpose.REGISTRATION else "login_code",
-                challenge_id=issued.challenge_id, expires_at=issued.expires_at,
-                context={"name": customer.full_name or customer.username or "", "code": issued.code,
-                         "minutes": minutes(ttl)},
-            )
+        issued = await transact(svc.db, lambda: _issue_code(
+            svc, customer_id=customer.id, email=customer.email, name=customer.full_name or customer.username or "",
+            purpose=purpose, nonce=nonce, sent_to=sent_to, now=now,
+        ))
     except otp.Cooldown:
         reused = await otp.rebind_open(svc.db, keys=svc.keys, customer_id=customer.id, purpose=purpose,
                                        nonce=nonce, now=now)
@@ -384,18 +387,11 @@ async def resend(request: Request) -> Response:
         customer = await queries.get_customer(svc.db, challenge.customer_id)
         assert customer is not None
         try:
-            async with svc.db.transaction():
-                issued = await otp.issue(
-                    svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
-                    purpose=challenge.purpose, nonce=p["n"], sent_to=challenge.sent_to,
-                )
-                await outbox.enqueue(
-                    svc.db, svc.sealer, now=now, recipient=customer.email, customer_id=customer.id,
-                    kind="registration_code" if challenge.purpose is otp.Purpose.REGISTRATION else "login_code",
-                    challenge_id=issued.challenge_id, expires_at=issued.expires_at,
-                    context={"name": customer.full_name or customer.username or "", "code": issued.code,
-                             "minutes": minutes(svc.policy.ttl(challenge.purpose))},
-                )
+            issued = await transact(svc.db, lambda: _issue_code(
+                svc, customer_id=customer.id, email=customer.email,
+                name=customer.full_name or customer.username or "", purpose=challenge.purpose, nonce=p["n"],
+                sent_to=challenge.sent_to, now=now,
+            ))
         except otp.Cooldown as exc:
             await audit.record(svc.db, "resend_refused", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
             return await _cooldown(request, challenge, exc.retry_after)

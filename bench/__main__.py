@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import dbtools, hashbound, report
-from bench.common import REPO, RESULTS, TMP, free_port
+from bench.common import REPO, RESULTS, TMP, free_port, pid_of_command, status_field
 from bench.server import Uvicorn, app_env
 
 
@@ -39,7 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-scale", action="store_true", help="skip the 1 M customers / 5 M codes step")
     p.add_argument("--scale-customers", type=int, default=1_000_000)
     p.add_argument("--scale-codes", type=int, default=5_000_000)
-    p.add_argument("--scale-concurrency", type=int, default=8, help="C of the code-step comparison (default 8)")
+    p.add_argument("--scale-no-mail-rows", action="store_true",
+                   help="do not load a sent mail_outbox row per code row (loaded by default)")
+    p.add_argument("--scale-concurrency", type=int, default=2, help="C of the code-step comparison (default 2)")
     p.add_argument("--scale-duration", type=float, default=None, help="window of each scale run (default: --duration)")
     p.add_argument("--profile", action="store_true",
                    help="add a run at the highest C with py-spy recording each worker (needs py-spy)")
@@ -49,8 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mysql-user", default="root")
     p.add_argument("--mysql-password", default="")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379")
+    p.add_argument("--allow-errors", action="store_true",
+                   help="exit 0 even if some flows failed (still 1 if a run completed no flow at all)")
     p.add_argument("--keep-db", action="store_true", help="do not drop the bench database at the end")
-    p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results directory (default bench/results; --quick: bench/results/tmp/quick)")
     a = p.parse_args(argv)
     q = a.quick
     a.concurrency = [int(x) for x in (a.concurrency or ("1,2" if q else "1,8,32")).split(",")]
@@ -61,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.scale_duration = a.scale_duration if a.scale_duration is not None else a.duration
     if q:
         a.no_scale, a.no_plot = True, True
+    a.out = a.out or (TMP / "quick" if q else RESULTS)
     return a
 
 
@@ -111,8 +117,9 @@ class Bench:
         passes = 1 if a.no_slow_mail else 2
         per_run = a.warmup + a.duration + 5
         seconds = passes * len(a.concurrency) * per_run + (a.warmup + a.duration + 5 if a.profile else 0)
+        seconds += a.warmup + 3 + 5  # the warm-up pass
         if not a.no_scale:
-            seconds += a.warmup + a.scale_duration + 5
+            seconds += a.warmup + a.scale_duration + 5 + 2 * (a.warmup + 3 + 5)
         return max(100, int(math.ceil(bound * 1.3 * seconds)) + 50)
 
     def load_run(self, label: str, concurrency: int, delay: float, *, customers: dict[str, int] | None = None,
@@ -129,17 +136,19 @@ class Bench:
             "mail_delay": delay, "concurrency": concurrency, "warmup": a.warmup, "duration": duration,
             "drain_timeout": code_timeout + 10, "code_timeout": code_timeout, "customers": customers,
             "ip_offset": self.next_ip, "app_pids": self.server.pids,
-            "extra_pids": {k: v for k, v in (("mysqld", dbtools.mysqld_pid()),) if v},
+            "extra_pids": {k: v for k, v in (("mysqld", dbtools.mysqld_pid()), ("redis", pid_of_command("redis-server")))
+                           if v},
         }
         cfg_path, out_path = self.tmp / f"run-{label}.json", self.tmp / f"result-{label}.json"
         cfg_path.write_text(json.dumps(cfg))
-        wall0 = time.time()
         limit = a.warmup + duration + cfg["drain_timeout"] + 60
+        locks0 = self.lock_counters()
         subprocess.run([sys.executable, "-m", "bench.loadgen", str(cfg_path), str(out_path)], cwd=REPO,
                        check=True, timeout=limit)
         result = json.loads(out_path.read_text())
-        result["wall_start_utc"] = wall0 + a.warmup
-        result["wall_end_utc"] = wall0 + a.warmup + duration
+        locks1 = self.lock_counters()
+        # Server-wide counters (every database on this server), over the whole run.
+        result["innodb"] = {k: locks1[k] - locks0[k] for k in locks0 if k in locks1}
         if customers.get("step", 1) == 1:
             self.next_customer += result["customers_used"]
         self.next_ip += result["customers_used"] + 1
@@ -150,13 +159,22 @@ class Bench:
             f"code wait p99 {st['code_wait']['p99'] or 0:.0f} ms")
         return result
 
+    def lock_counters(self) -> dict[str, int]:
+        try:
+            with dbtools.connect(**self.conn) as c, c.cursor() as cur:
+                cur.execute("SHOW GLOBAL STATUS WHERE Variable_name IN ('Innodb_deadlocks', 'Innodb_row_lock_waits', "
+                            "'Innodb_row_lock_time', 'Innodb_row_lock_current_waits')")
+                return {name.lower(): int(v) for name, v in cur.fetchall()}
+        except Exception:
+            return {}
+
     def run(self) -> dict[str, Any]:
         a, R = self.args, self.results
         t_all = time.monotonic()
         self.tmp.mkdir(parents=True, exist_ok=True)
         R["meta"] = {
             "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "git": _git_rev(), "cpus": os.cpu_count(), "quick": a.quick,
+            "git": _git_rev(), "app_uncommitted": _dirty_app_files(), "cpus": os.cpu_count(), "quick": a.quick,
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
             "database": self.db, "workers": a.workers,
             "app_settings": {k: v for k, v in self.settings_env().items() if k not in ("SECRET_KEY",)},
@@ -164,14 +182,15 @@ class Bench:
         log(f"hashing bound: {os.cpu_count()} processes x {a.hash_seconds:.0f} s of Argon2id verify (idle machine)")
         R["hash_bound"] = hashbound.measure(a.hash_seconds)
         hb = R["hash_bound"]
-        log(f"  {hb['verifies_per_s']:.1f} verifications/s, {hb['cpu_ms_per_verify']:.2f} CPU ms each")
+        log(f"  bound {hb['cpu_bound_per_s']:.1f} verifications/s ({hb['cpu_ms_per_verify']:.2f} CPU ms each); "
+            f"measured {hb['verifies_per_s']:.1f}/s with other processes using {hb['other_processes_cores']:.2f} cores")
 
         dbtools.create_database(self.conn, self.db)
         self.db_created = True
         env = app_env(self.settings_env())
         R["setup"] = {"migrate_s": dbtools.migrate(env)}
         stored = dbtools.password_hash()
-        self.seeded = a.customers or self.customers_needed(hb["verifies_per_s"])
+        self.seeded = a.customers or self.customers_needed(max(hb["verifies_per_s"], hb["cpu_bound_per_s"]))
         R["setup"]["customers_seeded"] = self.seeded
         R["setup"]["seed_s"] = dbtools.seed_customers(self.conn, self.db, 1, self.seeded, stored)
         log(f"database {self.db}: migrated in {R['setup']['migrate_s']:.1f} s, "
@@ -180,6 +199,10 @@ class Bench:
         self.server = Uvicorn(env, self.port, a.workers, self.tmp)
         R["setup"]["uvicorn_start_s"] = self.server.start()
         log(f"uvicorn on 127.0.0.1:{self.port}, master {self.server.master_pid}, workers {self.server.worker_pids}")
+
+        # Warm both workers (templates compiled, pools filled) before anything is measured.
+        log("warm-up pass (not measured)")
+        R["warmup_run"] = self.load_run("warmup", 4, 0.0, duration=1.0 if a.quick else 3.0)
 
         delays = [0.0] if a.no_slow_mail else [0.0, a.mail_delay]
         for delay in delays:
@@ -192,48 +215,79 @@ class Bench:
             R["profile"] = self.profile_run(max(a.concurrency))
 
         if not a.no_scale:
-            R["scale"] = self.scale_step(stored)
+            R["scale"] = {}
+            try:
+                self.scale_step(stored, R["scale"])
+            except Exception as exc:  # keep the main runs' results
+                log(f"scale step failed: {type(exc).__name__}: {exc}")
+                R["scale"]["error"] = f"{type(exc).__name__}: {exc}"
 
         # One more loop-monitor period so the last run's stalls are written.
         time.sleep(10.5)
-        R["stalls"] = self.server.stalls()
-        R["server_errors"] = self.server.errors()
-        R["worker_vmhwm_kb_final"] = {str(p): __import__("bench.common", fromlist=["x"]).status_field(p, "VmHWM")
-                                      for p in self.server.worker_pids}
+        R["stalls"] = R.pop("stalls_before_scale", []) + self.server.stalls()
+        R["server_errors"] = R.pop("server_errors_before_scale", []) + self.server.errors()
+        R["worker_vmhwm_kb_final"] = {**R.get("worker_vmhwm_kb_final", {}),
+                                      **{str(p): status_field(p, "VmHWM") for p in self.server.worker_pids}}
         self.server.stop()
-        if R.get("scale") and R["scale"].get("loaded"):
+        if R.get("scale") and R["scale"].get("load"):
             log("EXPLAIN of the sign-in path against the loaded database")
             from bench.explain import explain_all
 
             quiet_app_logging()
-            R["scale"]["explain"] = explain_all(self.conn, self.db, self.database_url, self.secret,
-                                                customer=self.args.scale_customers - 3)
+            try:
+                R["scale"]["explain"] = explain_all(self.conn, self.db, self.database_url, self.secret,
+                                                    customer=self.args.scale_customers - 3)
+            except Exception as exc:  # keep everything measured so far
+                log(f"EXPLAIN step failed: {type(exc).__name__}: {exc}")
+                R["scale"]["explain_error"] = f"{type(exc).__name__}: {exc}"
         R["meta"]["total_s"] = time.monotonic() - t_all
         return R
 
-    def scale_step(self, stored: str) -> dict[str, Any]:
+    def scale_step(self, stored: str, out: dict[str, Any]) -> None:
+        """Empty-ish database vs 1 M customers / 5 M codes, same load. The server is stopped for
+        the bulk load (its periodic cleanup, 300 s after start, would otherwise scan the table
+        being loaded) and started afresh and warmed up before the loaded run."""
         a = self.args
-        out: dict[str, Any] = {"customers": a.scale_customers, "codes": a.scale_codes, "concurrency": a.scale_concurrency}
+        assert self.server is not None
+        out.update({"customers": a.scale_customers, "codes": a.scale_codes, "concurrency": a.scale_concurrency})
+        self.results["stalls_before_scale"] = self.server.stalls()
+        self.results["server_errors_before_scale"] = self.server.errors()
+        self.results["worker_vmhwm_kb_final"] = {str(p): status_field(p, "VmHWM") for p in self.server.worker_pids}
+        self.server.stop()
+        self.restart("scale-empty", out)
         log(f"scale: code step at C={a.scale_concurrency} on the small database")
         out["empty_db"] = dbtools.table_sizes(self.conn, self.db)
         out["empty"] = self.load_run(f"scale-empty-C{a.scale_concurrency}", a.scale_concurrency, 0.0,
                                      duration=a.scale_duration)
+        self.results["stalls_before_scale"] += self.server.stalls()
+        self.results["server_errors_before_scale"] += self.server.errors()
+        self.results["worker_vmhwm_kb_final"].update({str(p): status_field(p, "VmHWM") for p in self.server.worker_pids})
+        self.server.stop()
         log(f"scale: loading to {a.scale_customers} customers and +{a.scale_codes} code rows (LOAD DATA LOCAL INFILE)")
         t = time.monotonic()
         first_new = self.seeded + 1
         out["load"] = dbtools.load_scale(self.conn, self.db, customers_total=a.scale_customers, first_new=first_new,
-                                         codes=a.scale_codes, stored_hash=stored, tmp=self.tmp, log=log)
+                                         codes=a.scale_codes, stored_hash=stored, tmp=self.tmp,
+                                         mail=not a.scale_no_mail_rows, log=log)
         out["load"]["total_s"] = time.monotonic() - t
         out["loaded_db"] = dbtools.table_sizes(self.conn, self.db)
         log(f"  loaded in {out['load']['total_s']:.0f} s: {out['loaded_db']}")
+        self.restart("scale-loaded", out)
         # Fresh customers spread over the whole loaded range (cold pages, as in production).
         span = a.scale_customers - first_new - 10
-        count = max(100, int(self.results["hash_bound"]["verifies_per_s"] * (a.warmup + a.scale_duration + 5) * 1.3))
+        count = max(100, int(self.results["hash_bound"]["cpu_bound_per_s"] * (a.warmup + a.scale_duration + 5) * 1.3))
         step = max(1, span // count)
         customers = {"start": first_new + 3, "step": step, "count": min(count, span // step)}
         out["loaded"] = self.load_run(f"scale-loaded-C{a.scale_concurrency}", a.scale_concurrency, 0.0,
                                       customers=customers, duration=a.scale_duration)
-        return out
+
+    def restart(self, tag: str, out: dict[str, Any]) -> None:
+        """A fresh server (so both scale runs start alike), warmed up before it is measured."""
+        self.server = Uvicorn(app_env(self.settings_env()), self.port, self.args.workers, self.tmp, tag=tag)
+        self.server.start()
+        log(f"uvicorn restarted ({tag}): master {self.server.master_pid}, workers {self.server.worker_pids}; "
+            "warm-up pass")
+        out[f"warmup_{tag}"] = self.load_run(f"{tag}-warmup", 4, 0.0, duration=3.0)
 
     def profile_run(self, concurrency: int) -> dict[str, Any]:
         """The same load with py-spy sampling each worker (its overhead makes this run's numbers
@@ -277,7 +331,19 @@ def _git_rev() -> str | None:
         return None
 
 
+def _dirty_app_files() -> list[str]:
+    """Uncommitted changes to what is measured (the app is worked on while benches run)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "app", "templates", "migrations"], cwd=REPO,
+                             capture_output=True, text=True).stdout
+    except Exception:
+        return []
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """0: every run completed sign-ins without a failed flow; 1: a run failed flows (or
+    completed none); 2: the bench itself could not run (setup, database, server)."""
     args = parse_args(argv)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -285,18 +351,32 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     bench = Bench(args)
+    failed = False
     try:
         results = bench.run()
+    except Exception as exc:
+        log(f"bench could not run: {type(exc).__name__}: {exc}")
+        import traceback
+
+        traceback.print_exc()
+        results, failed = bench.results, True
+        results.setdefault("errors", []).append(f"{type(exc).__name__}: {exc}")
     finally:
         bench.cleanup()
+    if failed and not (results.get("runs") and "hash_bound" in results):
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    written = report.write(results, args.out, plot=not args.no_plot)
+    written = report.write(results, args.out, make_plot=not args.no_plot)
     for path in written:
         log(f"wrote {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
-    ok = all(r["flows"] > 0 for r in results["runs"])
-    summary = report.verdict_line(results)
-    print(summary, flush=True)
-    return 0 if ok else 1
+    print(report.verdict_line(results), flush=True)
+    if failed:
+        return 2
+    if not all(r["flows"] > 0 for r in results["runs"]):
+        return 1
+    if any(r["errors"] for r in results["runs"]) and not args.allow_errors:
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

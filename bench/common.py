@@ -75,6 +75,23 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
 
 
+def sys_ticks(pid: int) -> int | None:
+    """stime alone (kernel time: syscalls, page faults), in clock ticks."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(data[data.rindex(")") + 2 :].split()[12])
+
+
+def machine_busy_ticks() -> int:
+    """Busy CPU ticks of the whole machine (all cores) from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq + steal
+
+
 def status_field(pid: int, name: str) -> int | None:
     """A numeric field of /proc/<pid>/status (VmHWM, VmRSS in kB; Threads)."""
     try:

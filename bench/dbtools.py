@@ -75,16 +75,32 @@ def seed_customers(conn_args: dict[str, Any], db: str, first: int, count: int, s
 # --- scale: LOAD DATA LOCAL INFILE ---------------------------------------------------------
 
 
-def _load(cur: Any, path: Path, sql: str) -> int:
-    cur.execute(sql.format(path=str(path).replace("'", "''")))
-    return int(cur.rowcount)
+def _load(cur: Any, path: Path, sql: str, tries: int = 4) -> int:
+    """One LOAD DATA; retried (after a rollback) on a deadlock, a lock wait timeout or a full
+    lock table (1206: the app's cleanup can fill it), which the caller's log shows."""
+    for attempt in range(tries):
+        try:
+            cur.execute(sql.format(path=str(path).replace("'", "''")))
+            return int(cur.rowcount)
+        except pymysql.err.OperationalError as exc:
+            if exc.args[0] not in (1205, 1206, 1213) or attempt == tries - 1:
+                raise
+            cur.connection.rollback()
+            RETRIES.append(f"{exc.args[0]} {exc.args[1]}")
+            time.sleep(5)
+    raise AssertionError("unreachable")
+
+
+RETRIES: list[str] = []
 
 
 def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, first_new: int, codes: int,
-               stored_hash: str, tmp: Path, chunk: int = 500_000, log: Any = print) -> dict[str, Any]:
-    """Bring the database to `customers_total` customers and add `codes` finished code rows,
-    via LOAD DATA LOCAL INFILE of small id files (the server fills the other columns), in
-    chunks of `chunk` rows, each its own transaction. Returns timings."""
+               stored_hash: str, tmp: Path, mail: bool = True, chunk: int = 500_000,
+               log: Any = print) -> dict[str, Any]:
+    """Bring the database to `customers_total` customers and add `codes` finished code rows
+    (and, with `mail`, the sent mail_outbox row of each), via LOAD DATA LOCAL INFILE of small
+    id files (the server fills the other columns), in chunks of `chunk` rows, each its own
+    transaction. Returns timings."""
     tmp.mkdir(parents=True, exist_ok=True)
     timings: dict[str, Any] = {}
     rng = random.Random(20261125)
@@ -110,6 +126,7 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
             c.commit()
             path.unlink()
         timings["customers_loaded"] = loaded
+        timings["retries"] = RETRIES
         timings["customers_s"] = time.monotonic() - t
         log(f"  customers: {loaded} rows in {timings['customers_s']:.1f} s")
 
@@ -121,7 +138,7 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
         while len(ids) < codes:  # (collisions: practically never)
             ids = sorted(set(ids) | {rng.getrandbits(62) | 1 for _ in range(codes - len(ids))})
         gen_s = time.monotonic() - t
-        loaded = 0
+        loaded = mail_loaded = 0
         n_customers = customers_total
         rounds = max(1, codes // n_customers)
         for lo in range(0, codes, chunk):
@@ -143,14 +160,24 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
                 "used_at=IF(@st=0, @now - INTERVAL @age SECOND + INTERVAL 40 SECOND, NULL), "
                 "invalidated_at=IF(@st=1, @now - INTERVAL @age SECOND + INTERVAL 61 SECOND, NULL)"
             ))
+            if mail:
+                mail_loaded += _load(cur, path, (
+                    "LOAD DATA LOCAL INFILE '{path}' INTO TABLE mail_outbox (@id, @cid, @age, @st) SET "
+                    "kind='login_code', customer_id=@cid, challenge_id=@id, "
+                    "recipient=CONCAT('b', LPAD(@cid, 7, '0'), '@bench.example'), payload=NULL, status='sent', "
+                    "tries=1, created_at=@now - INTERVAL @age SECOND, next_attempt_at=@now - INTERVAL @age SECOND, "
+                    "sent_at=@now - INTERVAL @age SECOND + INTERVAL 1 SECOND, "
+                    "expires_at=@now - INTERVAL @age SECOND + INTERVAL 600 SECOND"
+                ))
             c.commit()
             path.unlink()
-            log(f"  codes: {loaded} rows ({time.monotonic() - t:.0f} s)")
+            log(f"  codes: {loaded} rows, mail_outbox: {mail_loaded} rows ({time.monotonic() - t:.0f} s)")
         timings["codes_loaded"] = loaded
+        timings["mail_rows_loaded"] = mail_loaded
         timings["codes_s"] = time.monotonic() - t
         timings["codes_id_generation_s"] = gen_s
         t = time.monotonic()
-        cur.execute("ANALYZE TABLE customers, customer_otp_verification")
+        cur.execute("ANALYZE TABLE customers, customer_otp_verification, mail_outbox")
         cur.fetchall()
         timings["analyze_s"] = time.monotonic() - t
     return timings

@@ -51,8 +51,9 @@ class Recorder:
         def _compile(conn: Any, query: Any) -> Any:
             out = original(conn, query)
             inner, outer = recorder.where()
+            phase = "mail dispatcher" if outer.startswith("app/mail/dispatcher.py") else recorder.phase
             recorder.statements.append({"sql": out[0], "args": out[1], "function": inner, "caller": outer,
-                                        "phase": recorder.phase})
+                                        "phase": phase})
             return out
 
         backend.MySQLConnection._compile = _compile
@@ -116,7 +117,30 @@ async def _sign_in(app: Any, state: dict[str, Any], transport: MemoryTransport, 
     return statuses
 
 
-async def _record(database_url: str, secret_key: str, customer: int, cleanup: bool) -> tuple[Recorder, dict[str, Any]]:
+def _insert_probe(conn_args: dict[str, Any], db: str, customer: int) -> dict[str, Any]:
+    """While the cleanup runs: how long does a sign-in's code INSERT (as issue() does it) wait?"""
+    from bench.dbtools import connect
+
+    time.sleep(1.0)
+    with connect(**conn_args, db=db) as c, c.cursor() as cur:
+        c.autocommit(False)
+        t = time.monotonic()
+        try:
+            cur.execute(
+                "INSERT INTO customer_otp_verification (id, customer_id, purpose, code_hash, session_binding, kind, "
+                "sent_to, attempts, created_at, expires_at) VALUES (%s, %s, 'login', SHA2('p', 256), SHA2('p', 256), "
+                "'code', 'probe', 0, UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL 10 MINUTE)",
+                (3, customer))  # a low id: a row the cleanup's scan (in id order) has passed by then
+            waited = time.monotonic() - t
+            error = None
+        except Exception as exc:
+            waited, error = time.monotonic() - t, str(exc)
+        c.rollback()
+    return {"insert_wait_s": waited, "error": error, "started_after_s": 1.0}
+
+
+async def _record(database_url: str, secret_key: str, customer: int, cleanup: bool, conn_args: dict[str, Any],
+                  db_name: str) -> tuple[Recorder, dict[str, Any]]:
     from app.main import create_app
     from app.settings import Settings
 
@@ -134,9 +158,14 @@ async def _record(database_url: str, secret_key: str, customer: int, cleanup: bo
                 from app.otp.cleanup import cleanup as run_cleanup
 
                 rec.phase = "cleanup (every 300 s per worker)"
+                probe = asyncio.get_running_loop().run_in_executor(None, _insert_probe, conn_args, db_name, customer)
                 t = time.monotonic()
-                info["cleanup_deleted"] = await run_cleanup(state["db"], now=state["clock"].now())
+                try:
+                    info["cleanup_deleted"] = await run_cleanup(state["db"], now=state["clock"].now())
+                except Exception as exc:
+                    info["cleanup_error"] = f"{type(exc).__name__}: {exc}"
                 info["cleanup_s"] = time.monotonic() - t
+                info["insert_during_cleanup"] = await probe
     finally:
         restore()
     return rec, info
@@ -150,7 +179,7 @@ def explain_all(conn_args: dict[str, Any], db: str, database_url: str, secret_ke
                 cleanup: bool = True) -> dict[str, Any]:
     from bench.dbtools import connect
 
-    rec, info = asyncio.run(_record(database_url, secret_key, customer, cleanup))
+    rec, info = asyncio.run(_record(database_url, secret_key, customer, cleanup, conn_args, db))
     seen: dict[str, dict[str, Any]] = {}
     for st in rec.statements:
         sql = _normal(st["sql"])
@@ -181,8 +210,17 @@ def explain_all(conn_args: dict[str, Any], db: str, database_url: str, secret_ke
             entry["plan"] = [{k: r.get(k) for k in ("table", "type", "possible_keys", "key", "key_len", "rows", "Extra")}
                              for r in rows]
             scans = [r for r in rows if r.get("type") == "ALL" or (r.get("key") is None and r.get("table"))]
-            entry["verdict"] = "FULL SCAN" if scans else "index: " + ", ".join(
-                f"{r['table']}.{r['key']} ({r['type']})" for r in rows if r.get("key"))
+            if scans:
+                entry["verdict"] = "FULL SCAN"
+            elif any(r.get("key") for r in rows):
+                entry["verdict"] = "index: " + ", ".join(f"{r['table']}.{r['key']} ({r['type']})"
+                                                         for r in rows if r.get("key"))
+            else:  # e.g. "Impossible WHERE noticed after reading const tables": a unique lookup found nothing
+                entry["verdict"] = "; ".join(str(r.get("Extra")) for r in rows)
             out.append(entry)
     info["queries"] = out
+    counts: dict[str, int] = {}
+    for st in rec.statements:
+        counts[st["phase"]] = counts.get(st["phase"], 0) + 1
+    info["statements_per_phase"] = counts  # executions, including SELECT ROW_COUNT() round trips
     return info

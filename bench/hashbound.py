@@ -9,7 +9,7 @@ import os
 import time
 from typing import Any
 
-from bench.common import PASSWORD
+from bench.common import CLK_TCK, PASSWORD, machine_busy_ticks
 
 
 def _worker(stored: str, seconds: float, start_at: float, out: Any) -> None:
@@ -24,7 +24,25 @@ def _worker(stored: str, seconds: float, start_at: float, out: Any) -> None:
     out.put({"verifies": n, "wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0})
 
 
-def measure(seconds: float, processes: int | None = None) -> dict[str, Any]:
+def measure(seconds: float, processes: int | None = None, attempts: int = 3) -> dict[str, Any]:
+    """The best of up to `attempts` tries (stopping early once the machine was idle: other
+    processes under 0.2 cores). `verifies_per_s` is the measured rate; `cpu_bound_per_s` is
+    cores x 1000 / CPU ms per verification: what all cores give when nothing else runs, the
+    figure the bench divides by (it does not move when other processes steal CPU)."""
+    tries = []
+    for _ in range(attempts):
+        tries.append(_measure_once(seconds, processes))
+        if tries[-1]["other_processes_cores"] < 0.2:
+            break
+    best = dict(max(tries, key=lambda t: t["verifies_per_s"]))
+    best["attempts"] = [{k: t[k] for k in ("verifies_per_s", "cpu_ms_per_verify", "other_processes_cores")}
+                        for t in tries]
+    best["cpu_bound_per_s"] = best["processes"] * 1000 / best["cpu_ms_per_verify"]
+    best["machine_was_idle"] = best["other_processes_cores"] < 0.2
+    return best
+
+
+def _measure_once(seconds: float, processes: int | None = None) -> dict[str, Any]:
     from app.security import ARGON2
 
     processes = processes or os.cpu_count() or 1
@@ -35,6 +53,7 @@ def measure(seconds: float, processes: int | None = None) -> dict[str, Any]:
     procs = [ctx.Process(target=_worker, args=(stored, seconds, start_at, out)) for _ in range(processes)]
     for p in procs:
         p.start()
+    busy0 = machine_busy_ticks()
     try:
         results = [out.get(timeout=seconds + 60) for _ in procs]
     finally:
@@ -42,6 +61,7 @@ def measure(seconds: float, processes: int | None = None) -> dict[str, Any]:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+    busy_s = (machine_busy_ticks() - busy0) / CLK_TCK
     verifies = sum(r["verifies"] for r in results)
     cpu = sum(r["cpu_s"] for r in results)
     wall = max(r["wall_s"] for r in results)
@@ -54,6 +74,8 @@ def measure(seconds: float, processes: int | None = None) -> dict[str, Any]:
         "verifies_per_s": verifies / wall,
         "cpu_ms_per_verify": cpu * 1000 / verifies,
         "wall_ms_per_verify_per_process": wall * 1000 * processes / verifies,
+        # Other processes' CPU meanwhile (the machine should be idle: near 0).
+        "other_processes_cores": max(0.0, busy_s - cpu) / (wall + 2.0),
     }
 
 

@@ -21,6 +21,7 @@ import http.cookiejar
 import json
 import os
 import re
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,19 @@ from urllib.parse import urlsplit
 import httpx
 
 from bench.capture import Capture, serve
-from bench.common import CLK_TCK, PASSWORD, STEPS, client_address, cpu_ticks, email, status_field, summary, username
+from bench.common import (
+    CLK_TCK,
+    PASSWORD,
+    STEPS,
+    client_address,
+    cpu_ticks,
+    email,
+    machine_busy_ticks,
+    status_field,
+    summary,
+    sys_ticks,
+    username,
+)
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 COOKIE = "__Host-session"
@@ -140,6 +153,8 @@ class Generator:
         self.stop = False
         self.origin = cfg["base_url"].rstrip("/")
         self.samples: dict[str, Any] = {"threads_max": {}, "rss_max_kb": {}}
+        self.ssl_context = ssl.create_default_context()  # never used (plain http), built once
+        self.timeout = httpx.Timeout(float(cfg.get("http_timeout", 30)))
 
     def customer(self) -> int:
         if self._next_customer >= self._customer_count:
@@ -148,7 +163,19 @@ class Generator:
         self._next_customer += 1
         return i
 
-    async def flow(self, client: httpx.AsyncClient) -> None:
+    def new_client(self) -> httpx.AsyncClient:
+        """A fresh browser: its own connection (so the kernel spreads flows over the workers, as
+        it would new visitors), kept alive for the flow's seven requests, closed after it."""
+        transport = httpx.AsyncHTTPTransport(verify=self.ssl_context, retries=0,
+                                             limits=httpx.Limits(max_connections=2, max_keepalive_connections=2))
+        return httpx.AsyncClient(base_url=self.cfg["base_url"], transport=transport, timeout=self.timeout,
+                                 cookies=_blocking_jar(), follow_redirects=False, trust_env=False)
+
+    async def flow(self) -> None:
+        async with self.new_client() as client:
+            await self._flow(client)
+
+    async def _flow(self, client: httpx.AsyncClient) -> None:
         i = self.customer()
         ip = client_address(self._next_ip)
         self._next_ip += 1
@@ -195,10 +222,10 @@ class Generator:
             rec.flows.append((t2 - t_flow) * 1000)
             rec.rest.append((t2 - t_flow - waited) * 1000)
 
-    async def client_loop(self, client: httpx.AsyncClient) -> None:
+    async def client_loop(self) -> None:
         while not self.stop:
             try:
-                await self.flow(client)
+                await self.flow()
             except NoCustomers:
                 self.samples["customers_exhausted"] = True
                 return
@@ -216,8 +243,10 @@ class Generator:
         return {
             "t": time.monotonic(),
             "app": {str(p): cpu_ticks(p) for p in pids},
+            "app_sys": sum(sys_ticks(p) or 0 for p in pids),
             "extra": {k: cpu_ticks(p) for k, p in extra.items()},
             "self": sum(os.times()[:2]),
+            "machine": machine_busy_ticks(),
         }
 
     async def sampler(self) -> None:
@@ -236,32 +265,30 @@ class Generator:
         cfg = self.cfg
         C = int(cfg["concurrency"])
         server = await serve(self.capture, int(cfg["smtp_port"]))
-        limits = httpx.Limits(max_connections=C + 4, max_keepalive_connections=C + 4)
-        timeout = httpx.Timeout(float(cfg.get("http_timeout", 30)))
         sampler = asyncio.create_task(self.sampler())
-        async with httpx.AsyncClient(
-            base_url=cfg["base_url"], limits=limits, timeout=timeout, cookies=_blocking_jar(),
-            follow_redirects=False, trust_env=False,
-        ) as client:
-            start = time.monotonic()
-            w0 = start + float(cfg["warmup"])
-            w1 = w0 + float(cfg["duration"])
-            self.rec.window = (w0, w1)
-            tasks = [asyncio.create_task(self.client_loop(client)) for _ in range(C)]
-            await asyncio.sleep(max(0.0, w0 - time.monotonic()))
-            before = self.snapshot()
-            await asyncio.sleep(max(0.0, w1 - time.monotonic()))
-            after = self.snapshot()
-            self.stop = True
-            done, pending = await asyncio.wait(tasks, timeout=float(cfg["drain_timeout"]))
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            drained_at = time.monotonic()
+        start = time.monotonic()
+        w0 = start + float(cfg["warmup"])
+        w1 = w0 + float(cfg["duration"])
+        self.rec.window = (w0, w1)
+        tasks = [asyncio.create_task(self.client_loop()) for _ in range(C)]
+        await asyncio.sleep(max(0.0, w0 - time.monotonic()))
+        before = self.snapshot()
+        wall0 = time.time()
+        await asyncio.sleep(max(0.0, w1 - time.monotonic()))
+        after = self.snapshot()
+        wall1 = time.time()
+        self.stop = True
+        _, pending = await asyncio.wait(tasks, timeout=float(cfg["drain_timeout"]))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        drained_at = time.monotonic()
         sampler.cancel()
         server.close()
         await server.wait_closed()
-        return self.result(before, after, len(pending), drained_at - start)
+        out = self.result(before, after, len(pending), drained_at - start)
+        out["wall_start_utc"], out["wall_end_utc"] = wall0, wall1
+        return out
 
     def result(self, before: dict[str, Any], after: dict[str, Any], cancelled: int, wall: float) -> dict[str, Any]:
         rec = self.rec
@@ -274,7 +301,12 @@ class Generator:
         extra = {k: (after["extra"][k] - before["extra"][k]) * 1000 / CLK_TCK
                  for k in before["extra"] if after["extra"][k] is not None and before["extra"][k] is not None}
         gen_cpu_ms = (after["self"] - before["self"]) * 1000
-        per_flow = (lambda v: v / flows if flows else None)
+        machine_ms = (after["machine"] - before["machine"]) * 1000 / CLK_TCK
+        others_ms = machine_ms - app_cpu_ms - gen_cpu_ms - sum(extra.values())
+
+        def per_flow(v: float) -> float | None:
+            return v / flows if flows else None
+
         return {
             "label": self.cfg.get("label"),
             "concurrency": int(self.cfg["concurrency"]),
@@ -296,11 +328,14 @@ class Generator:
             "app_cpu_ms": app_cpu_ms,
             "app_cpu_ms_by_pid": {p: (v * 1000 / CLK_TCK if v is not None else None) for p, v in app_ticks.items()},
             "app_cpu_ms_per_flow": per_flow(app_cpu_ms),
+            "app_kernel_share": ((after["app_sys"] - before["app_sys"]) / total_ticks) if total_ticks else None,
             "app_cpu_cores": app_cpu_ms / 1000 / window if window > 0 else None,
             "db_cpu_ms_per_flow": per_flow(extra["mysqld"]) if "mysqld" in extra else None,
             "redis_cpu_ms_per_flow": per_flow(extra["redis"]) if "redis" in extra else None,
             "generator_cpu_ms_per_flow": per_flow(gen_cpu_ms),
             "generator_cpu_cores": gen_cpu_ms / 1000 / window if window > 0 else None,
+            "machine_busy_cores": machine_ms / 1000 / window if window > 0 else None,
+            "other_processes_cores": others_ms / 1000 / window if window > 0 else None,
             "worker_threads_max": self.samples["threads_max"],
             "worker_rss_max_kb": self.samples["rss_max_kb"],
             "worker_vmhwm_kb": {str(p): status_field(p, "VmHWM") for p in self.cfg["app_pids"]},
@@ -316,7 +351,8 @@ async def amain(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    cfg = json.loads(open(argv[0]).read())
+    with open(argv[0]) as f:
+        cfg = json.load(f)
     try:
         import uvloop
 

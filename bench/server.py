@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -30,10 +31,11 @@ def app_env(settings: dict[str, str]) -> dict[str, str]:
 
 
 class Uvicorn:
-    def __init__(self, env: dict[str, str], port: int, workers: int, logdir: Path) -> None:
+    def __init__(self, env: dict[str, str], port: int, workers: int, logdir: Path, tag: str = "") -> None:
         self.env, self.port, self.workers = env, port, workers
-        self.stdout_path = logdir / "uvicorn.stdout.log"
-        self.stderr_path = logdir / "uvicorn.stderr.log"
+        suffix = f".{tag}" if tag else ""
+        self.stdout_path = logdir / f"uvicorn{suffix}.stdout.log"
+        self.stderr_path = logdir / f"uvicorn{suffix}.stderr.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.worker_pids: list[int] = []
 
@@ -50,8 +52,8 @@ class Uvicorn:
         t = time.monotonic()
         cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--workers", str(self.workers),
                "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=open(self.stdout_path, "wb"),
-                                     stderr=open(self.stderr_path, "wb"), start_new_session=True)
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=out, stderr=err, start_new_session=True)
         while time.monotonic() - t < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"uvicorn exited with {self.proc.returncode}; see {self.stderr_path}")
@@ -77,10 +79,8 @@ class Uvicorn:
                 self.proc.wait(5)
         for pid in known:
             if _alive(pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def stalls(self) -> list[tuple[str, float]]:
         """(UTC time, max stall ms) of every LOOP_MONITOR line the workers wrote."""

@@ -24,12 +24,17 @@ def safe(value: object) -> str:
 
 
 async def record(
-    db: Database, event: str, *, customer_id: int | None, ip: str, user_agent: str, now: datetime
+    db: Database, *events: str, customer_id: int | None, ip: str, user_agent: str, now: datetime
 ) -> None:
-    """Log and store one auth event (UTC time)."""
-    assert event in EVENTS, event
+    """Log and store auth events that happened together (one INSERT), in UTC."""
     ua = user_agent[:255]
-    log.info("auth event=%s customer=%s ip=%s time=%s ua=%s", event, customer_id, safe(ip), now.isoformat(), safe(ua))
+    for event in events:
+        assert event in EVENTS, event
+        log.info("auth event=%s customer=%s ip=%s time=%s ua=%s", event, customer_id, safe(ip), now.isoformat(),
+                 safe(ua))
     await db.execute(
-        auth_events.insert().values(customer_id=customer_id, event=event, ip=ip[:45], user_agent=ua, created_at=now)
+        auth_events.insert().values(
+            [{"customer_id": customer_id, "event": e, "ip": ip[:45], "user_agent": ua, "created_at": now}
+             for e in events]
+        )
     )

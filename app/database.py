@@ -79,14 +79,19 @@ async def transact(db: Database, work: Callable[[], Awaitable[T]], *, tries: int
 async def execute_count(conn: Connection, query: ClauseElement) -> int:
     """Run an UPDATE or DELETE and return how many rows it changed.
 
-    `databases` returns lastrowid from execute(); the row count comes from the same
-    connection right after, which is what makes guarded updates usable as atomic
-    compare-and-set across workers.
+    `databases` (pinned at 0.9.0) returns lastrowid from execute(); the row count comes from
+    the driver's cursor on the same connection, which makes guarded updates usable as
+    atomic compare-and-set across workers, without a second round trip.
     """
-    await conn.execute(query)
-    dialect = conn._connection._dialect.name  # type: ignore[attr-defined]
-    sql = "SELECT changes()" if dialect == "sqlite" else "SELECT ROW_COUNT()"
-    return int(await conn.fetch_val(sql) or 0)
+    backend = conn._connection  # type: ignore[attr-defined]
+    sql, args, *_ = backend._compile(query)
+    raw = conn.raw_connection
+    if backend._dialect.name == "sqlite":
+        async with raw.execute(sql, args) as cursor:
+            return int(cursor.rowcount)
+    async with raw.cursor() as cursor:
+        await cursor.execute(sql, args)
+        return int(cursor.rowcount)
 
 
 async def ping(db: Database) -> bool:

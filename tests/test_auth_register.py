@@ -211,6 +211,8 @@ async def _probe(server: Running, clock: FixedClock, email: str, username: str) 
     seen: list[tuple[int, str]] = []
     scrub = re.compile(r'[A-Za-z0-9_-]{43}|\d\d:\d\d UTC|datetime="[^"]+"|[a-z]\*\*\*@example\.com|'
                        r'data-countdown="\d+"|<span data-seconds>\d+</span>|wait \d+ seconds|\d+ s\.')
+    # The mail's delivery line depends on how far the dispatcher got: timing, not identity.
+    delivery = re.compile(r'<p id="delivery".*?</p>', re.S)
     async with server.client() as c:
         await register(c, username=username, email=email, htmx=True)
         for step in range(14):
@@ -222,7 +224,7 @@ async def _probe(server: Running, clock: FixedClock, email: str, username: str) 
                 r = await c.get("/verify")
             else:
                 r = await submit_code(c, "000001", htmx=True)
-            seen.append((r.status_code, scrub.sub("", r.text)))
+            seen.append((r.status_code, scrub.sub("", delivery.sub("", r.text))))
     return seen
 
 

@@ -104,8 +104,7 @@ async def register_submit(request: Request) -> Response:
             customer_id, issued = await transact(svc.db, create)
             challenge_id = issued.challenge_id
             svc.mailer.notify()
-            await audit.record(svc.db, "registered", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
-            await audit.record(svc.db, "code_sent", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
+            await audit.record(svc.db, "registered", "code_sent", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
         except INTEGRITY_ERRORS:
             # A double submit or a race with another registration: answered like any duplicate.
             by_email, by_username = await queries.find_conflict(svc.db, email=email, username=username)
@@ -191,7 +190,7 @@ async def login_submit(request: Request) -> Response:
         await queries.set_password_hash(svc.db, customer.id, await hash_password(str(data["password"])))
 
     if customer.email_verified_at is not None and not customer.otp_enabled:
-        await sessions.sign_in(request, customer, ip=ip, user_agent=ua)
+        await sessions.sign_in(request, customer.id, customer.session_version, ip=ip, user_agent=ua)
         await audit.record(svc.db, "signed_in", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
         return redirect(request, "/dashboard")
 
@@ -324,15 +323,15 @@ async def verify_submit(request: Request) -> Response:
                                code=code)
     ip, ua, now = ip_of(request), ua_of(request), svc.clock.now()
     if verdict.status == "verified" and verdict.customer_id is not None:
-        customer = await queries.get_customer(svc.db, verdict.customer_id)
-        if customer is None:  # deleted while the code was on its way
+        customer_id = verdict.customer_id
+        if verdict.purpose is otp.Purpose.REGISTRATION:
+            await queries.mark_verified(svc.db, customer_id, now)
+        try:
+            await sessions.sign_in(request, customer_id, challenge.session_version, ip=ip, user_agent=ua)
+        except INTEGRITY_ERRORS:  # the customer was deleted while the code was on its way
             request.session.clear()
             return redirect(request, "/login")
-        if verdict.purpose is otp.Purpose.REGISTRATION:
-            await queries.mark_verified(svc.db, customer.id, now)
-        await sessions.sign_in(request, customer, ip=ip, user_agent=ua)
-        await audit.record(svc.db, "verified", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
-        await audit.record(svc.db, "signed_in", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+        await audit.record(svc.db, "verified", "signed_in", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
         return redirect(request, "/dashboard")
 
     if challenge.kind != otp.DECOY and challenge.customer_id is not None and verdict.status in ("wrong", "locked"):

@@ -36,7 +36,7 @@ def set_pending_challenge(request: Request, challenge_id: int) -> None:
         request.session.pop("notice", None)
 
 
-async def sign_in(request: Request, customer: Customer, *, ip: str, user_agent: str) -> None:
+async def sign_in(request: Request, customer_id: int, session_version: int, *, ip: str, user_agent: str) -> None:
     """A new session row and a new cookie session that carries its token."""
     svc = services(request)
     sid = token()
@@ -44,8 +44,8 @@ async def sign_in(request: Request, customer: Customer, *, ip: str, user_agent: 
     await queries.create_session(
         svc.db,
         session_hash=sha256_hex(sid),
-        customer_id=customer.id,
-        version=customer.session_version,
+        customer_id=customer_id,
+        version=session_version,
         ip=ip,
         user_agent=user_agent,
         now=now,

@@ -83,10 +83,9 @@ class Dispatcher:
             return 0
         now = self.clock.now()
         started = 0
-        for message_id in await outbox.due_ids(self.db, now=now, limit=free):
-            message = await outbox.claim(self.db, self.sealer, message_id, now=now)
-            if message is None:
-                continue
+        for message in await outbox.due(self.db, self.sealer, now=now, limit=free):
+            if not await outbox.claim(self.db, message, now=now):
+                continue  # another dispatcher took it
             task = asyncio.create_task(self._deliver(message))
             self._inflight.add(task)
             task.add_done_callback(self._done)

@@ -76,47 +76,39 @@ async def enqueue(
     )
 
 
-async def due_ids(db: Database, *, now: datetime, limit: int) -> list[int]:
-    """Messages ready to go, including ones a crashed dispatcher left claimed."""
+_DUE = sa.or_(
+    sa.and_(mail_outbox.c.status == QUEUED, mail_outbox.c.next_attempt_at <= sa.bindparam("now")),
+    sa.and_(mail_outbox.c.status == SENDING, mail_outbox.c.claimed_until < sa.bindparam("now")),
+)
+
+
+async def due(db: Database, sealer: Sealer, *, now: datetime, limit: int) -> list[Queued]:
+    """Messages ready to go (including ones a crashed dispatcher left claimed), not yet claimed."""
     o = mail_outbox
     rows = await db.fetch_all(
-        sa.select(o.c.id)
-        .where(
-            sa.or_(
-                sa.and_(o.c.status == QUEUED, o.c.next_attempt_at <= now),
-                sa.and_(o.c.status == SENDING, o.c.claimed_until < now),
-            )
-        )
+        sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at)
+        .where(_DUE.params(now=now))
         .order_by(o.c.next_attempt_at)
         .limit(limit)
     )
-    return [int(r.id) for r in rows]
+    return [
+        Queued(r.id, r.kind, r.recipient, sealer.open(r.payload) if r.payload else {}, r.tries + 1, r.expires_at)
+        for r in rows
+    ]
 
 
-async def claim(db: Database, sealer: Sealer, message_id: int, *, now: datetime) -> Queued | None:
-    """Take one message for sending; None when another dispatcher got it first."""
+async def claim(db: Database, message: Queued, *, now: datetime) -> bool:
+    """Take one message for sending; False when another dispatcher got it first."""
     o = mail_outbox
     async with db.connection() as conn:
-        won = await execute_count(
-            conn,
-            o.update()
-            .where(
-                o.c.id == message_id,
-                sa.or_(
-                    sa.and_(o.c.status == QUEUED, o.c.next_attempt_at <= now),
-                    sa.and_(o.c.status == SENDING, o.c.claimed_until < now),
-                ),
+        return bool(
+            await execute_count(
+                conn,
+                o.update()
+                .where(o.c.id == message.id, o.c.tries == message.tries - 1, _DUE.params(now=now))
+                .values(status=SENDING, claimed_until=now + timedelta(seconds=CLAIM_SECONDS), tries=o.c.tries + 1),
             )
-            .values(status=SENDING, claimed_until=now + timedelta(seconds=CLAIM_SECONDS), tries=o.c.tries + 1),
         )
-        if not won:
-            return None
-        rec = await conn.fetch_one(
-            sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at).where(o.c.id == message_id)
-        )
-    assert rec is not None
-    context = sealer.open(rec.payload) if rec.payload else {}
-    return Queued(rec.id, rec.kind, rec.recipient, context, rec.tries, rec.expires_at)
 
 
 async def mark(db: Database, message_id: int, status: str, *, now: datetime, error: str | None = None,

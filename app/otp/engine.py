@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 import sqlalchemy as sa
 from databases import Database
@@ -87,6 +88,7 @@ class Challenge:
     code_hash: str = ""
     failures: int = 0  # a decoy's own ledger
     lockouts: int = 0
+    session_version: int = 0  # the customer's, for the session a right code starts
 
     @property
     def real(self) -> bool:
@@ -281,6 +283,7 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
             o.c.locked_until,
             c.c.otp_locked_until,
             c.c.otp_last_sent_at,
+            c.c.session_version,
         )
         .select_from(o.outerjoin(c, c.c.id == o.c.customer_id))
         .where(o.c.id == challenge_id)
@@ -303,6 +306,7 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
         code_hash=rec.code_hash,
         failures=rec.failures,
         lockouts=rec.lockouts,
+        session_version=rec.session_version or 0,
     )
 
 
@@ -351,8 +355,6 @@ async def verify(
         )
         if not counted:
             return Verdict("dead")
-        if challenge.customer_id is not None and challenge.kind != DECOY:
-            await conn.execute(c.update().where(c.c.id == challenge.customer_id).values(last_otp_attempt=now))
         # The hash never changes after issue, so the one loaded with the challenge is current.
         right = hmac.compare_digest(code_hash(keys.code, challenge.id, code), challenge.code_hash) and challenge.real
         if right:
@@ -364,7 +366,7 @@ async def verify(
             await conn.execute(
                 c.update()
                 .where(c.c.id == challenge.customer_id)
-                .values(otp_attempts=0, otp_lockouts=0, otp_locked_until=None)
+                .values(otp_attempts=0, otp_lockouts=0, otp_locked_until=None, last_otp_attempt=now)
             )
             # Every other open code (and the pending steps that hold them) ends here.
             await conn.execute(
@@ -373,15 +375,17 @@ async def verify(
                 .values(invalidated_at=now)
             )
             return Verdict("verified", customer_id=challenge.customer_id, purpose=challenge.purpose)
-        attempts = await conn.fetch_val(sa.select(o.c.attempts).where(o.c.id == challenge.id))
-        code_left = max(0, policy.max_attempts - int(attempts))
+        # This entry's count (exact unless the same session races itself, where it only
+        # changes the "attempts left" wording; the guard above is what limits tries).
+        code_left = max(0, policy.max_attempts - (challenge.attempts + 1))
         # Failures across codes, sessions and workers; a resend never resets them. A decoy
         # counts on its own row, so a stranger cannot lock the owner out through it.
         ledger = _ledger(challenge)
         table, row_id = ledger.table, ledger.key
-        await conn.execute(
-            table.update().where(table.c.id == row_id).values({ledger.failures: ledger.failures + 1})
-        )
+        values: dict[sa.Column[Any], Any] = {ledger.failures: ledger.failures + 1}
+        if table is c:
+            values[c.c.last_otp_attempt] = now
+        await conn.execute(table.update().where(table.c.id == row_id).values(values))
         state = await conn.fetch_one(sa.select(ledger.failures, ledger.lockouts).where(table.c.id == row_id))
         assert state is not None
         failures, level = int(state[0]), int(state[1])

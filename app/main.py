@@ -192,6 +192,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         db, transport or make_transport(settings), sealer, clock, sender=settings.mail_from,
         max_tries=settings.mail_max_tries, concurrency=settings.smtp_pool_size,
         console_fallback=settings.is_development and transport is None and bool(settings.smtp_host),
+        keep_sent=settings.is_development,
     )
     services = Services(
         settings=settings, db=db, clock=clock, keys=keys, policy=otp.OtpPolicy.from_settings(settings),

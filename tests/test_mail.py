@@ -252,11 +252,14 @@ async def test_delivery_state_fragment_polls_until_final(server: Running, smtp: 
         assert "Email sent" in r.text and "hx-get" not in r.text
 
 
-async def test_outbox_payload_is_sealed(server: Running, smtp: Capture) -> None:
+async def test_outbox_payload_is_sealed_and_wiped_once_sent(server: Running, smtp: Capture) -> None:
+    smtp.delay = 0.5
     async with server.client() as c:
         await register(c)
-    code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
     payload = await server.services.db.fetch_val(sa.select(mail_outbox.c.payload))
+    code = server.services.sealer.open(payload)["code"]
     assert payload and code not in payload and "Jane" not in payload
-    assert server.services.sealer.open(payload)["code"] == code
+    assert code_in((await wait_mail(smtp, "jane@example.com"))[0]) == code
+    await asyncio.sleep(0.05)
+    assert await server.services.db.fetch_val(sa.select(mail_outbox.c.payload)) is None
     _ = get_csrf

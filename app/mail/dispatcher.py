@@ -37,12 +37,14 @@ class Dispatcher:
         max_tries: int = 8,
         concurrency: int = 8,
         console_fallback: bool = False,
+        keep_sent: bool = False,
         on_event: Callable[[str, outbox.Queued, str | None], None] | None = None,
     ) -> None:
         self.db, self.transport, self.sealer, self.clock = db, transport, sealer, clock
         self.sender, self.max_tries = sender, max_tries
         self.concurrency = concurrency
         self.console = ConsoleTransport() if console_fallback else None
+        self.keep_sent = keep_sent  # development keeps sent payloads for /dev/mail until expiry
         self.on_event = on_event
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -117,7 +119,7 @@ class Dispatcher:
         except (PermanentError, ValueError) as exc:
             await self._failed(message, str(exc), transient=False)
             return
-        await outbox.mark(self.db, message.id, outbox.SENT, now=self.clock.now())
+        await outbox.mark(self.db, message.id, outbox.SENT, now=self.clock.now(), keep_sent=self.keep_sent)
         self._event("sent", message, None)
 
     async def _failed(self, message: outbox.Queued, error: str, *, transient: bool) -> None:
@@ -126,7 +128,8 @@ class Dispatcher:
             # Development: the newcomer without a mail server still gets the code.
             email = build(message.kind, message.context, recipient=message.recipient, sender=self.sender)
             await self.console.send(email)
-            await outbox.mark(self.db, message.id, outbox.SENT, now=now, error=f"printed to console after: {error}")
+            await outbox.mark(self.db, message.id, outbox.SENT, now=now, error=f"printed to console after: {error}",
+                              keep_sent=self.keep_sent)
             return
         if transient and message.tries < self.max_tries:
             retry_at = now + timedelta(seconds=backoff(message.tries))

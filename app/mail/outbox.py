@@ -112,13 +112,13 @@ async def claim(db: Database, message: Queued, *, now: datetime) -> bool:
 
 
 async def mark(db: Database, message_id: int, status: str, *, now: datetime, error: str | None = None,
-               retry_at: datetime | None = None) -> None:
+               retry_at: datetime | None = None, keep_sent: bool = False) -> None:
     """Record how a send went."""
     values: dict[str, Any] = {"status": status, "claimed_until": None, "last_error": (error or None) and error[:500]}
     if status == SENT:
         values["sent_at"] = now
-    if status in (FAILED, EXPIRED):
-        values["payload"] = None
+    if status in (FAILED, EXPIRED) or (status == SENT and not keep_sent):
+        values["payload"] = None  # sent or hopeless: nothing left to seal
     if retry_at is not None:
         values["next_attempt_at"] = retry_at
     await db.execute(mail_outbox.update().where(mail_outbox.c.id == message_id).values(**values))
@@ -144,10 +144,14 @@ async def recent(db: Database, sealer: Sealer, *, limit: int = 50) -> list[dict[
     return out
 
 
-async def purge_payloads(db: Database, *, now: datetime) -> int:
-    """Wipe sealed payloads that can no longer help (their code expired)."""
+async def purge_payloads(db: Database, *, now: datetime, window: timedelta = timedelta(days=1)) -> int:
+    """Wipe sealed payloads that can no longer help (their code expired). Looks back one
+    window on the expires_at index; the clean-up runs every few minutes."""
     o = mail_outbox
     async with db.connection() as conn:
         return await execute_count(
-            conn, o.update().where(o.c.payload.is_not(None), o.c.expires_at <= now).values(payload=None)
+            conn,
+            o.update()
+            .where(o.c.expires_at <= now, o.c.expires_at > now - window, o.c.payload.is_not(None))
+            .values(payload=None),
         )

@@ -68,6 +68,8 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while True:
+            # Clear before looking: a notify() that lands while we look is then not lost.
+            self._wake.clear()
             try:
                 await self.run_once()
             except asyncio.CancelledError:
@@ -76,7 +78,6 @@ class Dispatcher:
                 log.warning("mail dispatcher: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-            self._wake.clear()
 
     async def run_once(self) -> int:
         """Claim what is due (as many as there are free slots) and start sending it."""

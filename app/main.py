@@ -218,8 +218,12 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         finally:
             for task in background:
                 task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await mailer.stop()
-            await db.disconnect()
+            try:
+                await asyncio.wait_for(db.disconnect(), 10)
+            except TimeoutError:
+                log.warning("database pool did not close within 10 s")
 
     routes: list[Route | Mount] = [
         Route("/", home, name="home"),

@@ -145,4 +145,5 @@ mail_outbox = sa.Table(
     sa.Index("ix_outbox_due", "status", "next_attempt_at"),
     sa.Index("ix_outbox_challenge", "challenge_id"),
     sa.Index("ix_outbox_expires_at", "expires_at"),
+    sa.Index("ix_outbox_recipient", "recipient", "created_at"),
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -33,6 +35,17 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.anyio
+
+
+async def outbox_row_when(svc: Any, ready: Callable[[Any], bool], timeout: float = 4.0) -> Any:
+    """The (only) outbox row, once the dispatcher has brought it to the state wanted."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        row = await svc.db.fetch_one(sa.select(mail_outbox))
+        if ready(row) or loop.time() > deadline:
+            return row
+        await asyncio.sleep(0.02)
 
 
 def test_code_mail_is_multipart_with_one_standalone_code() -> None:
@@ -128,11 +141,7 @@ async def test_permanent_rejection_fails_without_retry(server: Running, smtp: Ca
     await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="gone@example.com", now=clock.now(),
                          context={"name": "x", "code": "123456", "minutes": 10})
     svc.mailer.notify()
-    for _ in range(100):
-        row = await svc.db.fetch_one(sa.select(mail_outbox))
-        if row.status == "failed":
-            break
-        await asyncio.sleep(0.02)
+    row = await outbox_row_when(svc, lambda r: r.status == "failed")
     assert row.status == "failed" and row.tries == 1 and "550" in row.last_error
 
 
@@ -196,11 +205,7 @@ async def test_production_with_server_down_logs_no_code(settings: Settings, cloc
         await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="x@example.com", now=clock.now(),
                              context={"name": "x", "code": "987654", "minutes": 10})
         svc.mailer.notify()
-        for _ in range(200):
-            row = await svc.db.fetch_one(sa.select(mail_outbox))
-            if row.status == "queued" and row.last_error:
-                break
-            await asyncio.sleep(0.02)
+        row = await outbox_row_when(svc, lambda r: r.status == "queued" and bool(r.last_error))
         assert row.status == "queued" and row.last_error
     out = capsys.readouterr()
     assert "987654" not in out.out + out.err + caplog.text

@@ -128,13 +128,8 @@ async def _decoy(
         purpose=otp.Purpose.REGISTRATION, nonce=nonce, sent_to=sent_to, kind=otp.DECOY,
     )
     if owner is not None:
-        if not await _recent_decoy_mail(svc, recipient=owner.email, now=now, exclude=challenge_id):
-            await outbox.enqueue(
-                svc.db, svc.sealer, kind="account_exists", recipient=owner.email, now=now,
-                customer_id=owner.id, challenge_id=challenge_id,
-                context={"name": owner.full_name or owner.username or "", "username": owner.username or ""},
-            )
-    elif not await _recent_decoy_mail(svc, recipient=email, now=now, exclude=challenge_id):
+        await _notify_owner(svc, owner, challenge_id=challenge_id, now=now)
+    elif not await outbox.sent_recently(svc.db, recipient=email, kinds=NOTICES, since=_cooldown_start(svc, now)):
         await outbox.enqueue(
             svc.db, svc.sealer, kind="username_taken", recipient=email, now=now,
             challenge_id=challenge_id, context={"username": username},
@@ -143,18 +138,23 @@ async def _decoy(
     return challenge_id
 
 
-async def _recent_decoy_mail(svc: Services, *, recipient: str, now: datetime, exclude: int) -> bool:
-    import sqlalchemy as sa
+NOTICES = ("account_exists", "username_taken")
 
-    from app.tables import mail_outbox as o
 
-    since = now - timedelta(seconds=svc.policy.resend_cooldown)
-    found = await svc.db.fetch_val(
-        sa.select(sa.func.count()).select_from(o).where(
-            o.c.recipient == recipient, o.c.kind.in_(("account_exists", "username_taken")), o.c.created_at > since
-        )
+def _cooldown_start(svc: Services, now: datetime) -> datetime:
+    return now - timedelta(seconds=svc.policy.resend_cooldown)
+
+
+async def _notify_owner(svc: Services, owner: Customer, *, challenge_id: int, now: datetime) -> None:
+    """Tell the owner someone tried to register their address: at most once per cooldown."""
+    if await outbox.sent_recently(svc.db, recipient=owner.email, kinds=NOTICES, since=_cooldown_start(svc, now)):
+        return
+    await outbox.enqueue(
+        svc.db, svc.sealer, kind="account_exists", recipient=owner.email, now=now, customer_id=owner.id,
+        challenge_id=challenge_id,
+        context={"name": owner.full_name or owner.username or "", "username": owner.username or ""},
     )
-    return bool(found)
+    svc.mailer.notify()
 
 
 # --- sign-in -----------------------------------------------------------------------------
@@ -374,13 +374,8 @@ async def resend(request: Request) -> Response:
             svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=challenge.customer_id,
             purpose=challenge.purpose, nonce=p["n"], sent_to=challenge.sent_to, kind=otp.DECOY, carry=challenge,
         )
-        if owner is not None and not await _recent_decoy_mail(svc, recipient=owner.email, now=now, exclude=new_id):
-            await outbox.enqueue(
-                svc.db, svc.sealer, kind="account_exists", recipient=owner.email, now=now, customer_id=owner.id,
-                challenge_id=new_id, context={"name": owner.full_name or owner.username or "",
-                                              "username": owner.username or ""},
-            )
-            svc.mailer.notify()
+        if owner is not None:
+            await _notify_owner(svc, owner, challenge_id=new_id, now=now)
     else:
         assert challenge.customer_id is not None
         customer = await queries.get_customer(svc.db, challenge.customer_id)

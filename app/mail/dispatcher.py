@@ -49,6 +49,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def notify(self) -> None:
         """New mail is queued: look now rather than at the next poll."""
@@ -58,16 +59,23 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="mail-dispatcher")
 
     async def stop(self) -> None:
+        """Let the current pass finish (a cancelled query could keep its pooled connection
+        and hang the pool's close), then end; cancel only if it does not end in time."""
+        self._stopping = True
+        self._wake.set()
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 5)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=5)
         await self.transport.close()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             # Clear before looking: a notify() that lands while we look is then not lost.
             self._wake.clear()
             try:

@@ -124,6 +124,17 @@ async def mark(db: Database, message_id: int, status: str, *, now: datetime, err
     await db.execute(mail_outbox.update().where(mail_outbox.c.id == message_id).values(**values))
 
 
+async def sent_recently(db: Database, *, recipient: str, kinds: tuple[str, ...], since: datetime) -> bool:
+    """Whether a message of these kinds was queued for this address since then."""
+    o = mail_outbox
+    found = await db.fetch_val(
+        sa.select(o.c.id)
+        .where(o.c.recipient == recipient, o.c.created_at > since, o.c.kind.in_(kinds))
+        .limit(1)
+    )
+    return found is not None
+
+
 async def delivery_state(db: Database, *, challenge_id: int) -> str | None:
     """The state of the newest mail for a challenge."""
     o = mail_outbox

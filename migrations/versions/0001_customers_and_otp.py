@@ -165,6 +165,7 @@ def upgrade() -> None:
     op.create_index("ix_outbox_due", "mail_outbox", ["status", "next_attempt_at"])
     op.create_index("ix_outbox_challenge", "mail_outbox", ["challenge_id"])
     op.create_index("ix_outbox_expires_at", "mail_outbox", ["expires_at"])
+    op.create_index("ix_outbox_recipient", "mail_outbox", ["recipient", "created_at"])
 
 
 def downgrade() -> None:

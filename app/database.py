@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pymysql
 import sqlalchemy.exc
@@ -100,8 +100,3 @@ async def ping(db: Database) -> bool:
         return (await db.fetch_val("SELECT 1")) == 1
     except Exception:
         return False
-
-
-def row(record: Any) -> dict[str, Any]:
-    """A database record as a plain dict."""
-    return dict(record._mapping)

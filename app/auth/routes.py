@@ -254,10 +254,7 @@ async def _load(request: Request) -> otp.Challenge | None:
 async def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> dict[str, Any]:
     svc = services(request)
     now = svc.clock.now()
-    if challenge.kind == otp.CODE or (challenge.kind == otp.PLACEHOLDER and challenge.last_sent_at):
-        wait = otp.engine._left(challenge.last_sent_at, svc.policy.resend_cooldown, now)
-    else:
-        wait = otp.engine._left(challenge.created_at, svc.policy.resend_cooldown, now)
+    wait = challenge.resend_wait(svc.policy, now)
     locked = challenge.locked_until if challenge.locked_until and challenge.locked_until > now else None
     state = await outbox.delivery_state(svc.db, challenge_id=challenge.id) if challenge.kind != otp.PLACEHOLDER else None
     if challenge.kind == otp.DECOY and state is None:
@@ -366,7 +363,7 @@ async def resend(request: Request) -> Response:
         return render(request, "auth/verify.html", ctx, status=422)
 
     if challenge.kind == otp.DECOY:
-        wait = otp.engine._left(challenge.created_at, svc.policy.resend_cooldown, now)
+        wait = challenge.resend_wait(svc.policy, now)
         if wait:
             return await _cooldown(request, challenge, wait)
         owner = await queries.get_customer(svc.db, challenge.customer_id) if challenge.customer_id else None

@@ -79,8 +79,3 @@ async def current(request: Request) -> tuple[SessionRow, Customer] | None:
             await queries.touch_session(svc.db, result[0].id, now)
     request.state.signed_in = result
     return result
-
-
-def session_hash(request: Request) -> str | None:
-    sid = request.session.get("sid")
-    return sha256_hex(sid) if isinstance(sid, str) else None

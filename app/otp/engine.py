@@ -95,6 +95,13 @@ class Challenge:
         """A code was mailed for it (not a placeholder or a stand-in)."""
         return self.kind == CODE
 
+    def resend_wait(self, policy: OtpPolicy, now: datetime) -> int:
+        """Seconds until a new code may be asked for, as the code step shows it. A decoy
+        counts from its own creation; everything else from the customer's last code."""
+        if self.kind == DECOY or self.last_sent_at is None:
+            return _left(self.created_at, policy.resend_cooldown, now)
+        return _left(self.last_sent_at, policy.resend_cooldown, now)
+
 
 @dataclass(frozen=True)
 class Verdict:

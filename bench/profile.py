@@ -5,29 +5,30 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _stacks(raw_files: list[Path]) -> Iterator[tuple[list[str], int]]:
+    """(function names of one stack, samples) for each line of py-spy's raw (collapsed) output."""
+    for path in raw_files:
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if count.isdigit():
+                yield [_name(frame) for frame in stack.split(";")], int(count)
 
 
 def summarize(raw_files: list[Path], top: int = 30) -> tuple[int, list[tuple[str, float]]]:
     """(samples, [(function, inclusive share)]) from py-spy's raw (collapsed) output."""
     total = 0
     inclusive: Counter[str] = Counter()
-    for path in raw_files:
-        if not path.exists():
-            continue
-        for line in path.read_text(errors="replace").splitlines():
-            stack, _, count = line.rpartition(" ")
-            if not count.isdigit():
-                continue
-            n = int(count)
-            total += n
-            seen = set()
-            for frame in stack.split(";"):
-                name = _name(frame)
-                if name and name not in seen:
-                    seen.add(name)
-                    inclusive[name] += n
+    for names, samples in _stacks(raw_files):
+        total += samples
+        for name in dict.fromkeys(name for name in names if name):  # each function once per stack
+            inclusive[name] += samples
     if not total:
         return 0, []
     return total, [(k, v / total) for k, v in inclusive.most_common(top)]
@@ -50,23 +51,12 @@ def categorize(raw_files: list[Path]) -> list[tuple[str, float]]:
     """Share of samples per category (first matching category of each stack)."""
     total = 0
     per: Counter[str] = Counter()
-    for path in raw_files:
-        if not path.exists():
-            continue
-        for line in path.read_text(errors="replace").splitlines():
-            stack, _, count = line.rpartition(" ")
-            if not count.isdigit():
-                continue
-            n = int(count)
-            total += n
-            names = [_name(f) for f in stack.split(";")]
-            joined = ";".join(names)
-            for label, needles in CATEGORIES:
-                if any(x in joined for x in needles):
-                    per[label] += n
-                    break
-            else:
-                per["event loop itself / other"] += n
+    for names, samples in _stacks(raw_files):
+        total += samples
+        joined = ";".join(names)
+        label = next((label for label, needles in CATEGORIES if any(x in joined for x in needles)),
+                     "event loop itself / other")
+        per[label] += samples
     return [(k, v / total) for k, v in per.most_common()] if total else []
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import re
 from datetime import datetime
+from typing import Any
 
+import sqlalchemy as sa
 from databases import Database
 
+from app import sql
 from app.tables import auth_events
 
 log = logging.getLogger("app.audit")
@@ -23,6 +26,20 @@ def safe(value: object) -> str:
     return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
 
 
+_COLUMNS = ("customer_id", "event", "ip", "user_agent", "created_at")
+_INSERTS: dict[int, sql.Query] = {}
+
+
+def _insert(rows: int) -> sql.Query:
+    """INSERT of `rows` events sharing customer, address, agent and time."""
+    if rows not in _INSERTS:
+        shared: dict[str, Any] = {c: sa.bindparam(c) for c in _COLUMNS if c != "event"}
+        _INSERTS[rows] = sql.Query(
+            auth_events.insert().values([{**shared, "event": sa.bindparam(f"event_{i}")} for i in range(rows)])
+        )
+    return _INSERTS[rows]
+
+
 async def record(
     db: Database, *events: str, customer_id: int | None, ip: str, user_agent: str, now: datetime
 ) -> None:
@@ -32,9 +49,6 @@ async def record(
         assert event in EVENTS, event
         log.info("auth event=%s customer=%s ip=%s time=%s ua=%s", event, customer_id, safe(ip), now.isoformat(),
                  safe(ua))
-    await db.execute(
-        auth_events.insert().values(
-            [{"customer_id": customer_id, "event": e, "ip": ip[:45], "user_agent": ua, "created_at": now}
-             for e in events]
-        )
-    )
+    names = {f"event_{i}": e for i, e in enumerate(events)}
+    await sql.execute(db, _insert(len(events)), customer_id=customer_id, ip=ip[:45], user_agent=ua, created_at=now,
+                      **names)

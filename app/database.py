@@ -11,8 +11,6 @@ from typing import TypeVar
 import pymysql
 import sqlalchemy.exc
 from databases import Database
-from databases.core import Connection
-from sqlalchemy.sql import ClauseElement
 
 from app.settings import Settings
 
@@ -74,24 +72,6 @@ async def transact(db: Database, work: Callable[[], Awaitable[T]], *, tries: int
                 raise
             await asyncio.sleep(0.005 * (attempt + 1))
     raise AssertionError("unreachable")
-
-
-async def execute_count(conn: Connection, query: ClauseElement) -> int:
-    """Run an UPDATE or DELETE and return how many rows it changed.
-
-    `databases` (pinned at 0.9.0) returns lastrowid from execute(); the row count comes from
-    the driver's cursor on the same connection, which makes guarded updates usable as
-    atomic compare-and-set across workers, without a second round trip.
-    """
-    backend = conn._connection  # type: ignore[attr-defined]
-    sql, args, *_ = backend._compile(query)
-    raw = conn.raw_connection
-    if backend._dialect.name == "sqlite":
-        async with raw.execute(sql, args) as cursor:
-            return int(cursor.rowcount)
-    async with raw.cursor() as cursor:
-        await cursor.execute(sql, args)
-        return int(cursor.rowcount)
 
 
 async def ping(db: Database) -> bool:

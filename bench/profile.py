@@ -82,7 +82,7 @@ def record_during(bench: Any, concurrency: int) -> dict[str, Any]:
     for pid in bench.server.worker_pids:
         out = bench.tmp / f"py-spy-{pid}.txt"
         outs.append(out)
-        procs.append(subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "100", "-f", "raw",
+        procs.append(subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "100", "-f", "raw", "--gil",
                                        "-o", str(out), "--nonblocking"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:

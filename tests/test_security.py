@@ -107,7 +107,7 @@ async def test_cookie_holds_ids_only(server: Running, smtp: Capture) -> None:
         code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
         await submit_code(c, code)
         signed = cookie_payload(c)
-        assert set(signed) == {"csrf", "sid", "at"}
+        assert set(signed) == {"csrf", "sid", "cid", "at"} and isinstance(signed["cid"], int)
         text = json.dumps(pending) + json.dumps(signed)
         assert "jane" not in text and "example.com" not in text and code not in text
 
@@ -351,7 +351,7 @@ async def test_every_auth_event_is_stored_and_logged(server: Running, smtp: Capt
         await c.post("/verify/resend", data={"csrf_token": await get_csrf(c, "/verify")})
         clock.advance(3600)
         await c.post("/verify/resend", data={"csrf_token": await get_csrf(c, "/verify")})
-        code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        code = code_in((await wait_mail(smtp, "jane@example.com", 3))[-1])
         await submit_code(c, code)
         await c.post("/logout", data={"csrf_token": await get_csrf(c, "/dashboard")})
     rows = await server.services.db.fetch_all(sa.select(auth_events))

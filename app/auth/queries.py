@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from databases import Database
 
-from app.database import execute_count
+from app import sql
+from app.database import transact
 from app.tables import auth_events, auth_sessions, customers, otp_verification
 
 
@@ -36,98 +38,100 @@ _COLS = (
 )
 
 
-def _customer(rec: object) -> Customer | None:
+def _customer(rec: Any) -> Customer | None:
     if rec is None:
         return None
-    m = rec._mapping  # type: ignore[attr-defined]
     return Customer(
-        id=m["id"],
-        username=m["username"],
-        email=m["email"],
-        full_name=m["full_name"] or "",
-        password_hash=m["password_hash"],
-        email_verified_at=m["email_verified_at"],
-        otp_enabled=bool(m["otp_enabled"]),
-        session_version=m["session_version"],
+        id=rec.id,
+        username=rec.username,
+        email=rec.email,
+        full_name=rec.full_name or "",
+        password_hash=rec.password_hash,
+        email_verified_at=rec.email_verified_at,
+        otp_enabled=bool(rec.otp_enabled),
+        session_version=rec.session_version,
     )
 
 
-def _same(db: Database, column: sa.Column[str], value: str) -> sa.ColumnElement[bool]:
+def _login_query(column: sa.Column[str], *, lowered: bool) -> sql.Query:
     """Case-insensitive equality. MySQL's default collations already ignore case (and keep
     using the index); SQLite compares bytes, so both sides are lower-cased there."""
-    if db.url.dialect == "sqlite":
-        return sa.func.lower(column) == value.lower()
-    return column == value
+    left = sa.func.lower(column) if lowered else column
+    return sql.Query(sa.select(*_COLS).where(left == sa.bindparam("login", type_=sa.String)))
+
+
+_FIND = {
+    (field, lowered): _login_query(getattr(customers.c, field), lowered=lowered)
+    for field in ("email", "username") for lowered in (False, True)
+}
+_GET = sql.Query(sa.select(*_COLS).where(customers.c.id == sa.bindparam("cid")))
+
+
+async def _by(db: Database, field: str, value: str) -> Customer | None:
+    lowered = db.url.dialect == "sqlite"
+    return _customer(await sql.fetch_one(db, _FIND[field, lowered], login=value.lower() if lowered else value))
 
 
 async def find_customer(db: Database, *, login: str) -> Customer | None:
     """By email (when it looks like one) or username, ignoring case."""
-    col = customers.c.email if "@" in login else customers.c.username
-    return _customer(await db.fetch_one(sa.select(*_COLS).where(_same(db, col, login))))
+    return await _by(db, "email" if "@" in login else "username", login)
 
 
 async def get_customer(db: Database, customer_id: int) -> Customer | None:
-    return _customer(await db.fetch_one(sa.select(*_COLS).where(customers.c.id == customer_id)))
+    return _customer(await sql.fetch_one(db, _GET, cid=customer_id))
 
 
 async def find_conflict(db: Database, *, email: str, username: str) -> tuple[Customer | None, Customer | None]:
     """(customer with this email, customer with this username)."""
-    rows = await db.fetch_all(
-        sa.select(*_COLS).where(sa.or_(_same(db, customers.c.email, email), _same(db, customers.c.username, username)))
-    )
-    found = [_customer(r) for r in rows]
-    by_email = next((c for c in found if c and c.email.lower() == email.lower()), None)
-    by_username = next((c for c in found if c and (c.username or "").lower() == username.lower()), None)
-    return by_email, by_username
+    return await _by(db, "email", email), await _by(db, "username", username)
+
+
+_CREATE = sql.Query(
+    customers.insert().values(otp_enabled=True, otp_attempts=0, otp_lockouts=0, session_version=0),
+    columns=("username", "email", "full_name", "password_hash", "created_at"),
+)
 
 
 async def create_customer(
     db: Database, *, username: str, email: str, full_name: str, password_hash: str, now: datetime
 ) -> int:
     """Insert a customer with OTP on and the email unverified."""
-    return int(
-        await db.execute(
-            customers.insert().values(
-                username=username,
-                email=email,
-                full_name=full_name,
-                password_hash=password_hash,
-                created_at=now,
-                otp_enabled=True,
-                otp_attempts=0,
-                otp_lockouts=0,
-                session_version=0,
-            )
-        )
-    )
+    return await sql.insert(db, _CREATE, username=username, email=email, full_name=full_name,
+                            password_hash=password_hash, created_at=now)
+
+
+_RESET_UNVERIFIED = sql.Query(
+    customers.update()
+    .where(customers.c.id == sa.bindparam("cid"), customers.c.email_verified_at.is_(None))
+    .values(username=sa.bindparam("new_username"), full_name=sa.bindparam("new_full_name"),
+            password_hash=sa.bindparam("new_hash"), session_version=customers.c.session_version + 1)
+)
 
 
 async def reset_unverified(
     db: Database, customer_id: int, *, username: str, full_name: str, password_hash: str
 ) -> bool:
     """Start an account whose email was never verified over with new details."""
-    async with db.connection() as conn:
-        return bool(
-            await execute_count(
-                conn,
-                customers.update()
-                .where(customers.c.id == customer_id, customers.c.email_verified_at.is_(None))
-                .values(username=username, full_name=full_name, password_hash=password_hash,
-                        session_version=customers.c.session_version + 1),
-            )
-        )
+    return bool(await sql.execute(db, _RESET_UNVERIFIED, cid=customer_id, new_username=username,
+                                  new_full_name=full_name, new_hash=password_hash))
+
+
+_SET_HASH = sql.Query(
+    customers.update().where(customers.c.id == sa.bindparam("cid")).values(password_hash=sa.bindparam("new_hash"))
+)
+_MARK_VERIFIED = sql.Query(
+    customers.update()
+    .where(customers.c.id == sa.bindparam("cid"), customers.c.email_verified_at.is_(None))
+    .values(email_verified_at=sa.bindparam("now"))
+)
 
 
 async def set_password_hash(db: Database, customer_id: int, password_hash: str) -> None:
-    await db.execute(customers.update().where(customers.c.id == customer_id).values(password_hash=password_hash))
+    await sql.execute(db, _SET_HASH, cid=customer_id, new_hash=password_hash)
 
 
 async def mark_verified(db: Database, customer_id: int, now: datetime) -> None:
-    await db.execute(
-        customers.update()
-        .where(customers.c.id == customer_id, customers.c.email_verified_at.is_(None))
-        .values(email_verified_at=now)
-    )
+    await sql.execute(db, _MARK_VERIFIED, cid=customer_id, now=now)
 
 
 async def set_otp(db: Database, *, enabled: bool, email: str | None = None) -> int:
@@ -135,8 +139,7 @@ async def set_otp(db: Database, *, enabled: bool, email: str | None = None) -> i
     query = customers.update().where(customers.c.otp_enabled == (not enabled))
     if email is not None:
         query = query.where(customers.c.email == email.lower())
-    async with db.connection() as conn:
-        return await execute_count(conn, query.values(otp_enabled=enabled))
+    return await sql.execute(db, sql.Query(query.values(otp_enabled=enabled)))
 
 
 # --- signed-in sessions ------------------------------------------------------------------
@@ -152,35 +155,34 @@ class SessionRow:
     user_agent: str
 
 
+_CREATE_SESSION = sql.Query(
+    auth_sessions.insert(),
+    columns=("id", "customer_id", "session_version", "created_at", "last_seen_at", "ip", "user_agent"),
+)
+
+
 async def create_session(
     db: Database, *, session_hash: str, customer_id: int, version: int, ip: str, user_agent: str, now: datetime
 ) -> None:
-    await db.execute(
-        auth_sessions.insert().values(
-            id=session_hash,
-            customer_id=customer_id,
-            session_version=version,
-            created_at=now,
-            last_seen_at=now,
-            ip=ip[:45],
-            user_agent=user_agent[:255],
-        )
+    await sql.execute(db, _CREATE_SESSION, id=session_hash, customer_id=customer_id, session_version=version,
+                      created_at=now, last_seen_at=now, ip=ip[:45], user_agent=user_agent[:255])
+
+
+_LOAD_SESSION = sql.Query(
+    sa.select(
+        auth_sessions.c.id.label("sid"), auth_sessions.c.created_at, auth_sessions.c.last_seen_at, auth_sessions.c.ip,
+        auth_sessions.c.user_agent, auth_sessions.c.session_version.label("sv"), *_COLS,
     )
+    .select_from(auth_sessions.join(customers, customers.c.id == auth_sessions.c.customer_id))
+    .where(auth_sessions.c.id == sa.bindparam("sid"), auth_sessions.c.revoked_at.is_(None))
+)
 
 
 async def load_session(
     db: Database, *, session_hash: str, now: datetime, idle: int, absolute: int
 ) -> tuple[SessionRow, Customer] | None:
     """The live session and its customer, or None (revoked, stale version, idle or too old)."""
-    s, c = auth_sessions, customers
-    rec = await db.fetch_one(
-        sa.select(
-            s.c.id.label("sid"), s.c.created_at, s.c.last_seen_at, s.c.ip, s.c.user_agent,
-            s.c.session_version.label("sv"), *_COLS,
-        )
-        .select_from(s.join(c, c.c.id == s.c.customer_id))
-        .where(s.c.id == session_hash, s.c.revoked_at.is_(None))
-    )
+    rec = await sql.fetch_one(db, _LOAD_SESSION, sid=session_hash)
     if rec is None or rec.sv != rec.session_version:
         return None
     if rec.last_seen_at <= now - timedelta(seconds=idle) or rec.created_at <= now - timedelta(seconds=absolute):
@@ -190,63 +192,82 @@ async def load_session(
     return SessionRow(rec.sid, customer.id, rec.created_at, rec.last_seen_at, rec.ip, rec.user_agent), customer
 
 
+_TOUCH = sql.Query(
+    auth_sessions.update().where(auth_sessions.c.id == sa.bindparam("sid")).values(last_seen_at=sa.bindparam("now"))
+)
+_REVOKE = sql.Query(
+    auth_sessions.update()
+    .where(auth_sessions.c.id == sa.bindparam("sid"), auth_sessions.c.customer_id == sa.bindparam("cid"),
+           auth_sessions.c.revoked_at.is_(None))
+    .values(revoked_at=sa.bindparam("now"))
+)
 async def touch_session(db: Database, session_hash: str, now: datetime) -> None:
-    await db.execute(auth_sessions.update().where(auth_sessions.c.id == session_hash).values(last_seen_at=now))
+    await sql.execute(db, _TOUCH, sid=session_hash, now=now)
 
 
-async def revoke_session(db: Database, session_hash: str, now: datetime) -> None:
-    await db.execute(
+async def revoke_session(db: Database, session_hash: str, customer_id: int, now: datetime) -> bool:
+    """End one session of this customer; False when there was none to end."""
+    return bool(await sql.execute(db, _REVOKE, sid=session_hash, cid=customer_id, now=now))
+
+
+_REVOKE_ALL = (
+    sql.Query(
+        otp_verification.update()
+        .where(otp_verification.c.customer_id == sa.bindparam("cid"), otp_verification.c.used_at.is_(None),
+               otp_verification.c.invalidated_at.is_(None))
+        .values(invalidated_at=sa.bindparam("now"))
+    ),
+    sql.Query(
         auth_sessions.update()
-        .where(auth_sessions.c.id == session_hash, auth_sessions.c.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
+        .where(auth_sessions.c.customer_id == sa.bindparam("cid"), auth_sessions.c.revoked_at.is_(None))
+        .values(revoked_at=sa.bindparam("now"))
+    ),
+    sql.Query(
+        customers.update()
+        .where(customers.c.id == sa.bindparam("cid"))
+        .values(session_version=customers.c.session_version + 1)
+    ),
+)
 
 
 async def revoke_all(db: Database, customer_id: int, now: datetime) -> None:
     """End every session of a customer: rows revoked, the version bumped, open codes void."""
-    async with db.transaction():
-        await db.execute(
-            otp_verification.update()
-            .where(otp_verification.c.customer_id == customer_id, otp_verification.c.used_at.is_(None),
-                   otp_verification.c.invalidated_at.is_(None))
-            .values(invalidated_at=now)
-        )
-        await db.execute(
-            auth_sessions.update()
-            .where(auth_sessions.c.customer_id == customer_id, auth_sessions.c.revoked_at.is_(None))
-            .values(revoked_at=now)
-        )
-        await db.execute(
-            customers.update()
-            .where(customers.c.id == customer_id)
-            .values(session_version=customers.c.session_version + 1)
-        )
+    async def work() -> None:
+        for query in _REVOKE_ALL:
+            await sql.execute(db, query, cid=customer_id, now=now)
+
+    await transact(db, work)
+
+
+_ACTIVE = sql.Query(
+    sa.select(auth_sessions.c.id, auth_sessions.c.customer_id, auth_sessions.c.created_at,
+              auth_sessions.c.last_seen_at, auth_sessions.c.ip, auth_sessions.c.user_agent)
+    .where(
+        auth_sessions.c.customer_id == sa.bindparam("cid"),
+        auth_sessions.c.revoked_at.is_(None),
+        auth_sessions.c.last_seen_at > sa.bindparam("seen_after"),
+        auth_sessions.c.created_at > sa.bindparam("created_after"),
+    )
+    .order_by(auth_sessions.c.last_seen_at.desc())
+    .limit(20)
+)
 
 
 async def active_sessions(
     db: Database, customer_id: int, *, now: datetime, idle: int, absolute: int
 ) -> list[SessionRow]:
-    s = auth_sessions
-    rows = await db.fetch_all(
-        sa.select(s.c.id, s.c.customer_id, s.c.created_at, s.c.last_seen_at, s.c.ip, s.c.user_agent)
-        .where(
-            s.c.customer_id == customer_id,
-            s.c.revoked_at.is_(None),
-            s.c.last_seen_at > now - timedelta(seconds=idle),
-            s.c.created_at > now - timedelta(seconds=absolute),
-        )
-        .order_by(s.c.last_seen_at.desc())
-        .limit(20)
-    )
+    rows = await sql.fetch_all(db, _ACTIVE, cid=customer_id, seen_after=now - timedelta(seconds=idle),
+                               created_after=now - timedelta(seconds=absolute))
     return [SessionRow(r.id, r.customer_id, r.created_at, r.last_seen_at, r.ip, r.user_agent) for r in rows]
 
 
-async def recent_sign_ins(db: Database, customer_id: int, limit: int = 5) -> list[dict[str, object]]:
-    e = auth_events
-    rows = await db.fetch_all(
-        sa.select(e.c.created_at, e.c.ip, e.c.user_agent)
-        .where(e.c.customer_id == customer_id, e.c.event == "signed_in")
-        .order_by(e.c.created_at.desc())
-        .limit(limit)
-    )
-    return [dict(r._mapping) for r in rows]
+_SIGN_INS = sql.Query(
+    sa.select(auth_events.c.created_at, auth_events.c.ip, auth_events.c.user_agent)
+    .where(auth_events.c.customer_id == sa.bindparam("cid"), auth_events.c.event == "signed_in")
+    .order_by(auth_events.c.created_at.desc())
+    .limit(5)
+)
+
+
+async def recent_sign_ins(db: Database, customer_id: int) -> list[dict[str, object]]:
+    return [r._asdict() for r in await sql.fetch_all(db, _SIGN_INS, cid=customer_id)]

@@ -91,7 +91,7 @@ async def register_submit(request: Request) -> Response:
         challenge_id = await _send_code(svc, customer, purpose=otp.Purpose.REGISTRATION, nonce=nonce, ip=ip, ua=ua)
     elif by_email is None and by_username is None:
         try:
-            async def create() -> tuple[int, otp.Issued]:
+            async def create() -> tuple[int, tuple[otp.Issued, outbox.Queued]]:
                 customer_id = await queries.create_customer(
                     svc.db, username=username, email=email, full_name=form.values["full_name"],
                     password_hash=password_hash, now=now,
@@ -101,9 +101,9 @@ async def register_submit(request: Request) -> Response:
                     purpose=otp.Purpose.REGISTRATION, nonce=nonce, sent_to=sent_to, now=now,
                 )
 
-            customer_id, issued = await transact(svc.db, create)
+            customer_id, (issued, queued) = await transact(svc.db, create)
             challenge_id = issued.challenge_id
-            svc.mailer.notify()
+            _dispatch(svc, queued)
             await audit.record(svc.db, "registered", "code_sent", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
         except INTEGRITY_ERRORS:
             # A double submit or a race with another registration: answered like any duplicate.
@@ -204,17 +204,26 @@ async def login_submit(request: Request) -> Response:
 async def _issue_code(
     svc: Services, *, customer_id: int, email: str, name: str, purpose: otp.Purpose, nonce: str, sent_to: str,
     now: datetime,
-) -> otp.Issued:
-    """A new code and its mail, queued together (call inside a transaction)."""
+) -> tuple[otp.Issued, outbox.Queued]:
+    """A new code and its mail, queued together (call inside a transaction; then _dispatch)."""
     issued = await otp.issue(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer_id,
                              purpose=purpose, nonce=nonce, sent_to=sent_to)
-    await outbox.enqueue(
+    queued = await outbox.enqueue(
         svc.db, svc.sealer, now=now, recipient=email, customer_id=customer_id,
         kind="registration_code" if purpose is otp.Purpose.REGISTRATION else "login_code",
         challenge_id=issued.challenge_id, expires_at=issued.expires_at,
         context={"name": name, "code": issued.code, "minutes": minutes(svc.policy.ttl(purpose))},
+        claim=svc.mailer.has_room(),
     )
-    return issued
+    return issued, queued
+
+
+def _dispatch(svc: Services, queued: outbox.Queued) -> None:
+    """After the commit: send a mail this process claimed, or wake the dispatcher."""
+    if queued.tries:
+        svc.mailer.hand(queued)
+    else:
+        svc.mailer.notify()
 
 
 async def _send_code(svc: Services, customer: Customer, *, purpose: otp.Purpose, nonce: str, ip: str, ua: str) -> int:
@@ -222,7 +231,7 @@ async def _send_code(svc: Services, customer: Customer, *, purpose: otp.Purpose,
     now = svc.clock.now()
     sent_to = forms.mask_email(customer.email)
     try:
-        issued = await transact(svc.db, lambda: _issue_code(
+        issued, queued = await transact(svc.db, lambda: _issue_code(
             svc, customer_id=customer.id, email=customer.email, name=customer.full_name or customer.username or "",
             purpose=purpose, nonce=nonce, sent_to=sent_to, now=now,
         ))
@@ -235,7 +244,7 @@ async def _send_code(svc: Services, customer: Customer, *, purpose: otp.Purpose,
             svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
             purpose=purpose, nonce=nonce, sent_to=sent_to, kind=otp.PLACEHOLDER,
         )
-    svc.mailer.notify()
+    _dispatch(svc, queued)
     await audit.record(svc.db, "code_sent", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
     return issued.challenge_id
 
@@ -256,7 +265,7 @@ async def _step_context(request: Request, challenge: otp.Challenge, **extra: Any
     now = svc.clock.now()
     wait = challenge.resend_wait(svc.policy, now)
     locked = challenge.locked_until if challenge.locked_until and challenge.locked_until > now else None
-    state = await outbox.delivery_state(svc.db, challenge_id=challenge.id) if challenge.kind != otp.PLACEHOLDER else None
+    state = challenge.delivery if challenge.kind != otp.PLACEHOLDER else None
     if challenge.kind == otp.DECOY and state is None:
         state = outbox.SENT  # no mail went out (cooldown): shaped like a sent one
     ctx: dict[str, Any] = {
@@ -378,7 +387,7 @@ async def resend(request: Request) -> Response:
         customer = await queries.get_customer(svc.db, challenge.customer_id)
         assert customer is not None
         try:
-            issued = await transact(svc.db, lambda: _issue_code(
+            issued, queued = await transact(svc.db, lambda: _issue_code(
                 svc, customer_id=customer.id, email=customer.email,
                 name=customer.full_name or customer.username or "", purpose=challenge.purpose, nonce=p["n"],
                 sent_to=challenge.sent_to, now=now,
@@ -386,7 +395,7 @@ async def resend(request: Request) -> Response:
         except otp.Cooldown as exc:
             await audit.record(svc.db, "resend_refused", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
             return await _cooldown(request, challenge, exc.retry_after)
-        svc.mailer.notify()
+        _dispatch(svc, queued)
         await audit.record(svc.db, "code_sent", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
         new_id = issued.challenge_id
     sessions.set_pending_challenge(request, new_id)
@@ -420,13 +429,10 @@ async def delivery(request: Request) -> Response:
 @guarded("logout")
 async def logout(request: Request) -> Response:
     svc = services(request)
-    signed = await sessions.current(request)
-    if signed is not None:
-        now = svc.clock.now()
-        await queries.revoke_session(svc.db, signed[0].id, now)
-        await audit.record(svc.db, "signed_out", customer_id=signed[1].id, ip=ip_of(request),
-                           user_agent=ua_of(request), now=now)
-    request.session.clear()
+    customer_id = await sessions.end(request)
+    if customer_id is not None:
+        await audit.record(svc.db, "signed_out", customer_id=customer_id, ip=ip_of(request),
+                           user_agent=ua_of(request), now=svc.clock.now())
     return redirect(request, "/login?signed_out=1")
 
 

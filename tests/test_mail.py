@@ -50,7 +50,7 @@ async def outbox_row_when(svc: Any, ready: Callable[[Any], bool], timeout: float
 
 def test_code_mail_is_multipart_with_one_standalone_code() -> None:
     msg = build("login_code", {"name": "Jane", "code": "012345", "minutes": 10}, recipient="j@example.com",
-                sender="Computer Shop <no-reply@shop.example>")
+                sender="Computer Shop <no-reply@shop.example>").parsed()
     assert msg.is_multipart() and msg.get_content_type() == "multipart/alternative"
     assert CODE_LINE.findall(text_of(msg)) == ["012345"]
     assert not re.search(r"(?<!\d)\d{6}(?!\d)", text_of(msg).replace("012345", ""))
@@ -62,7 +62,7 @@ def test_code_mail_is_multipart_with_one_standalone_code() -> None:
 
 def test_user_values_are_escaped_and_header_injection_is_impossible() -> None:
     msg = build("registration_code", {"name": "<b>Jane</b>\r\nBcc: victim@example.com", "code": "123456",
-                                      "minutes": 15}, recipient="j@example.com", sender="no-reply@shop.example")
+                                      "minutes": 15}, recipient="j@example.com", sender="no-reply@shop.example").parsed()
     assert "&lt;b&gt;Jane&lt;/b&gt;" in html_of(msg)
     assert msg["Bcc"] is None and "\r\nBcc" not in text_of(msg)
     with pytest.raises(ValueError):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from email.message import EmailMessage
 from typing import Protocol
 
 import aiosmtplib
+
+from app.mail.messages import Mail
 
 log = logging.getLogger("app.mail")
 
@@ -22,7 +23,7 @@ class PermanentError(Exception):
 
 
 class Transport(Protocol):
-    async def send(self, message: EmailMessage) -> None: ...
+    async def send(self, message: Mail) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -32,13 +33,11 @@ class ConsoleTransport:
     def __init__(self, stream: object = None) -> None:
         self.stream = stream
 
-    async def send(self, message: EmailMessage) -> None:
-        text = message.get_body(preferencelist=("plain",))
-        body = text.get_content() if text is not None else ""
+    async def send(self, message: Mail) -> None:
         out = self.stream or sys.stdout
         print(
-            f"\n{'=' * 70}\nMAIL (console delivery, development only)\nTo: {message['To']}\n"
-            f"Subject: {message['Subject']}\n\n{body}\n{'=' * 70}",
+            f"\n{'=' * 70}\nMAIL (console delivery, development only)\nTo: {message.recipient}\n"
+            f"Subject: {message.subject}\n\n{message.text}\n{'=' * 70}",
             file=out,  # type: ignore[arg-type]
             flush=True,
         )
@@ -81,18 +80,18 @@ class SmtpTransport:
             await client.login(self.username, self.password)
         return client
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Mail) -> None:
         async with self._slots:
             client = self._idle.pop() if self._idle else None
             try:
                 if client is None or not client.is_connected:
                     client = await self._connect()
                 try:
-                    await client.send_message(message)
+                    await _sendmail(client, message)
                 except aiosmtplib.SMTPServerDisconnected:
                     # A pooled connection the server closed while idle: one fresh try.
                     client = await self._connect()
-                    await client.send_message(message)
+                    await _sendmail(client, message)
             except aiosmtplib.SMTPResponseException as exc:
                 await _quit(client)
                 if 400 <= exc.code < 500:
@@ -107,6 +106,11 @@ class SmtpTransport:
         idle, self._idle = self._idle, []
         for client in idle:
             await _quit(client)
+
+
+async def _sendmail(client: aiosmtplib.SMTP, message: Mail) -> None:
+    await client.sendmail(message.sender, [message.recipient], message.data,
+                          mail_options=["SMTPUTF8"] if message.smtputf8 else None)
 
 
 async def _quit(client: aiosmtplib.SMTP | None) -> None:

@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import otp
+from app import otp, templating
 from app.account.routes import routes as account_routes
 from app.audit import safe
 from app.auth import sessions
@@ -32,6 +32,7 @@ from app.clock import Clock, ShiftedClock, SystemClock
 from app.database import ROOT, make_database, ping
 from app.dev.routes import dev_routes, test_routes
 from app.logs import configure_logging
+from app.mail import messages
 from app.mail.dispatcher import Dispatcher
 from app.mail.outbox import Sealer
 from app.mail.transport import ConsoleTransport, SmtpTransport, Transport
@@ -185,6 +186,10 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         log.warning("RATE_LIMIT_STORAGE=memory:// counts per process: with several workers, use redis://")
     if clock is None:
         clock = ShiftedClock() if settings.is_test else SystemClock()
+    # Templates are re-read when they change only in development: elsewhere that check is a
+    # stat() per template per request.
+    for jinja_env in (templating.env, messages.html_env, messages.text_env):
+        jinja_env.auto_reload = settings.is_development
     db = make_database(settings)
     keys = otp.Keys(code=derive_key(settings.secret_key, "otp-code"), binding=derive_key(settings.secret_key, "otp-binding"))
     sealer = Sealer(derive_key(settings.secret_key, "mail-outbox"))

@@ -7,11 +7,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.auth import queries, sessions
+from app.auth.routes import one_connection
 from app.htmx import redirect
 from app.services import services
 from app.templating import render
 
 
+@one_connection
 async def dashboard(request: Request) -> Response:
     signed = await sessions.current(request)
     if signed is None:

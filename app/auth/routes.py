@@ -52,6 +52,18 @@ def guarded(scope: str) -> Callable[[Endpoint], Endpoint]:
     return decorate
 
 
+def one_connection(endpoint: Endpoint) -> Endpoint:
+    """Run the endpoint's statements on one pooled connection (taken once, not per statement).
+    Not for endpoints that hash a password: the pool must not wait on Argon2."""
+
+    @wraps(endpoint)
+    async def wrapper(request: Request) -> Response:
+        async with services(request).db.connection():
+            return await endpoint(request)
+
+    return wrapper
+
+
 def minutes(seconds: int) -> int:
     return max(1, math.ceil(seconds / 60))
 
@@ -180,25 +192,29 @@ async def login_submit(request: Request) -> Response:
         return render(request, "auth/login.html", {"form": form}, status=422)
     customer = await queries.find_customer(svc.db, login=form.values["login"])
     ok, rehash = await check_password(customer.password_hash if customer else None, str(data["password"]))
-    now = svc.clock.now()
-    if not ok or customer is None:
-        await audit.record(svc.db, "password_failed", customer_id=customer.id if customer else None,
-                           ip=ip, user_agent=ua, now=now)
-        form.errors["form"] = "That username or email and password do not match an account."
-        return render(request, "auth/login.html", {"form": form}, status=422)
-    if rehash:
-        await queries.set_password_hash(svc.db, customer.id, await hash_password(str(data["password"])))
+    async with svc.db.connection():  # the hash is done: one connection for the rest
+        now = svc.clock.now()
+        if not ok or customer is None:
+            await audit.record(svc.db, "password_failed", customer_id=customer.id if customer else None,
+                               ip=ip, user_agent=ua, now=now)
+            form.errors["form"] = "That username or email and password do not match an account."
+            return render(request, "auth/login.html", {"form": form}, status=422)
+        if rehash:
+            await queries.set_password_hash(svc.db, customer.id, await hash_password(str(data["password"])))
 
-    if customer.email_verified_at is not None and not customer.otp_enabled:
-        await sessions.sign_in(request, customer.id, customer.session_version, ip=ip, user_agent=ua)
-        await audit.record(svc.db, "signed_in", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
-        return redirect(request, "/dashboard")
+        if customer.email_verified_at is not None and not customer.otp_enabled:
+            await sessions.sign_in(request, customer.id, customer.session_version, ip=ip, user_agent=ua)
+            await audit.record(svc.db, "signed_in", customer_id=customer.id, ip=ip, user_agent=ua, now=now)
+            return redirect(request, "/dashboard")
 
-    purpose = otp.Purpose.REGISTRATION if customer.email_verified_at is None else otp.Purpose.LOGIN
-    nonce = secrets.token_urlsafe(24)
-    challenge_id = await _send_code(svc, customer, purpose=purpose, nonce=nonce, ip=ip, ua=ua)
-    sessions.start_pending(request, challenge_id=challenge_id, nonce=nonce)
-    return await _code_step_after_post(request)
+        purpose = otp.Purpose.REGISTRATION if customer.email_verified_at is None else otp.Purpose.LOGIN
+        nonce = secrets.token_urlsafe(24)
+        challenge_id = await _send_code(svc, customer, purpose=purpose, nonce=nonce, ip=ip, ua=ua)
+        # The owner lets a right code go the one-UPDATE way; a registration code (an address
+        # not yet proven) takes the full path, which also marks the address verified.
+        owner = (customer.id, customer.session_version) if purpose is otp.Purpose.LOGIN else None
+        sessions.start_pending(request, challenge_id=challenge_id, nonce=nonce, owner=owner)
+        return await _code_step_after_post(request)
 
 
 async def _issue_code(
@@ -297,6 +313,7 @@ async def _code_step_after_post(request: Request) -> Response:
     return render(request, "auth/verify.html", ctx, headers={"HX-Push-Url": "/verify"})
 
 
+@one_connection
 async def verify_form(request: Request) -> Response:
     challenge = await _load(request)
     if challenge is None or challenge.used_at is not None:
@@ -315,13 +332,24 @@ MESSAGES = {
 
 
 @guarded("verify")
+@one_connection
 async def verify_submit(request: Request) -> Response:
     svc = services(request)
+    p = sessions.pending(request)
+    if p is None:
+        return redirect(request, "/login")
+    code, problem = forms.code(dict(await request.form()))
+    owner = sessions.pending_owner(p)
+    if code is not None and owner is not None and await otp.use_code(
+        svc.db, keys=svc.keys, policy=svc.policy, now=svc.clock.now(), challenge_id=p["c"], nonce=p["n"],
+        customer_id=owner[0], code=code,
+    ):
+        return await _signed_in(request, owner[0], owner[1], registration=False)
+    # Anything but a right code on the sign-in path: the whole challenge decides.
     challenge = await _load(request)
     if challenge is None or challenge.used_at is not None:
         request.session.pop("pending", None)
         return redirect(request, "/login")
-    code, problem = forms.code(dict(await request.form()))
     if code is None:
         ctx = await _step_context(request, challenge, error=problem)
         return render(request, "auth/verify.html", ctx, status=422)
@@ -329,16 +357,8 @@ async def verify_submit(request: Request) -> Response:
                                code=code)
     ip, ua, now = ip_of(request), ua_of(request), svc.clock.now()
     if verdict.status == "verified" and verdict.customer_id is not None:
-        customer_id = verdict.customer_id
-        if verdict.purpose is otp.Purpose.REGISTRATION:
-            await queries.mark_verified(svc.db, customer_id, now)
-        try:
-            await sessions.sign_in(request, customer_id, challenge.session_version, ip=ip, user_agent=ua)
-        except INTEGRITY_ERRORS:  # the customer was deleted while the code was on its way
-            request.session.clear()
-            return redirect(request, "/login")
-        await audit.record(svc.db, "verified", "signed_in", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
-        return redirect(request, "/dashboard")
+        return await _signed_in(request, verdict.customer_id, challenge.session_version,
+                                registration=verdict.purpose is otp.Purpose.REGISTRATION)
 
     if challenge.kind != otp.DECOY and challenge.customer_id is not None and verdict.status in ("wrong", "locked"):
         await audit.record(svc.db, "code_failed", customer_id=challenge.customer_id, ip=ip, user_agent=ua, now=now)
@@ -358,7 +378,23 @@ async def verify_submit(request: Request) -> Response:
     return render(request, "auth/verify.html", ctx, status=422)
 
 
+async def _signed_in(request: Request, customer_id: int, session_version: int, *, registration: bool) -> Response:
+    """A right code was used: the address is proven, a signed-in session starts."""
+    svc = services(request)
+    ip, ua, now = ip_of(request), ua_of(request), svc.clock.now()
+    if registration:
+        await queries.mark_verified(svc.db, customer_id, now)
+    try:
+        await sessions.sign_in(request, customer_id, session_version, ip=ip, user_agent=ua)
+    except INTEGRITY_ERRORS:  # the customer was deleted while the code was on its way
+        request.session.clear()
+        return redirect(request, "/login")
+    await audit.record(svc.db, "verified", "signed_in", customer_id=customer_id, ip=ip, user_agent=ua, now=now)
+    return redirect(request, "/dashboard")
+
+
 @guarded("resend")
+@one_connection
 async def resend(request: Request) -> Response:
     svc = services(request)
     challenge = await _load(request)
@@ -414,6 +450,7 @@ async def _cooldown(request: Request, challenge: otp.Challenge, wait: int) -> Re
     return render(request, "auth/verify.html", ctx, status=429, headers={"Retry-After": str(wait)})
 
 
+@one_connection
 async def delivery(request: Request) -> Response:
     """The mail's delivery state, polled by the code step while it is not final."""
     challenge = await _load(request)
@@ -427,6 +464,7 @@ async def delivery(request: Request) -> Response:
 
 
 @guarded("logout")
+@one_connection
 async def logout(request: Request) -> Response:
     svc = services(request)
     customer_id = await sessions.end(request)
@@ -437,6 +475,7 @@ async def logout(request: Request) -> Response:
 
 
 @guarded("logout")
+@one_connection
 async def logout_everywhere(request: Request) -> Response:
     svc = services(request)
     signed = await sessions.current(request)

@@ -15,11 +15,22 @@ from app.services import services
 TOUCH_EVERY = 60  # seconds between last-seen writes, so reads stay reads
 
 
-def start_pending(request: Request, *, challenge_id: int, nonce: str) -> None:
-    """Password (or registration form) accepted: a new session that holds only the pending step."""
+def start_pending(request: Request, *, challenge_id: int, nonce: str, owner: tuple[int, int] | None = None) -> None:
+    """Password (or registration form) accepted: a new session that holds only the pending step.
+
+    `owner` (customer id, session version) is given only after a password was proven: it lets
+    a right code sign in with one guarded UPDATE (otp.use_code). Never after a registration
+    form, where it would tell a new account from an existing address."""
     request.session.clear()
     request.session["csrf"] = token()
     request.session["pending"] = {"c": challenge_id, "n": nonce}
+    if owner is not None:
+        request.session["pending"].update(u=owner[0], v=owner[1])
+
+
+def pending_owner(p: dict[str, Any]) -> tuple[int, int] | None:
+    u, v = p.get("u"), p.get("v")
+    return (u, v) if isinstance(u, int) and isinstance(v, int) else None
 
 
 def pending(request: Request) -> dict[str, Any] | None:
@@ -32,7 +43,7 @@ def pending(request: Request) -> dict[str, Any] | None:
 def set_pending_challenge(request: Request, challenge_id: int) -> None:
     p = pending(request)
     if p is not None:
-        request.session["pending"] = {"c": challenge_id, "n": p["n"]}
+        request.session["pending"] = {**p, "c": challenge_id}
         request.session.pop("notice", None)
 
 

@@ -24,8 +24,8 @@ SUBJECTS = {
     "username_taken": "Your Computer Shop registration",
 }
 
-_html = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
-_text = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=False, undefined=jinja2.StrictUndefined)
+html_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)
+text_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=False, undefined=jinja2.StrictUndefined)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -37,8 +37,8 @@ def clean(value: str) -> str:
 def render(kind: str, context: dict[str, Any]) -> tuple[str, str, str]:
     """(subject, text, html) for a message kind."""
     ctx = {k: clean(v) if isinstance(v, str) else v for k, v in context.items()}
-    text = _text.get_template(f"{kind}.txt").render(ctx)
-    html = _html.get_template(f"{kind}.html").render(ctx)
+    text = text_env.get_template(f"{kind}.txt").render(ctx)
+    html = html_env.get_template(f"{kind}.html").render(ctx)
     return SUBJECTS[kind], text, html
 
 

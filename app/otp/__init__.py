@@ -17,6 +17,7 @@ from app.otp.engine import (
     load_challenge,
     rebind_open,
     stand_in,
+    use_code,
     verify,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "CODE",
     "DECOY",
     "PLACEHOLDER",
+    "use_code",
     "verify",
 ]

@@ -356,6 +356,46 @@ _SUCCEEDED = sql.Query(
 )
 
 
+# A right code on the sign-in path, checked and used by one guarded UPDATE: bound to this
+# pending session, a mailed code (not a placeholder or decoy), tries left, not used,
+# replaced or expired, and the customer not locked out. Anything else changes nothing.
+_USE_BOUND = sql.Query(
+    o.update()
+    .where(
+        _open_code,
+        o.c.customer_id == sa.bindparam("uid"),
+        o.c.kind == CODE,
+        o.c.session_binding == sa.bindparam("binding"),
+        o.c.code_hash == sa.bindparam("hash"),
+        o.c.expires_at > sa.bindparam("now"),
+        ~sa.exists().where(c.c.id == sa.bindparam("uid"), c.c.otp_locked_until > sa.bindparam("now")),
+    )
+    .values(attempts=o.c.attempts + 1, used_at=sa.bindparam("now"))
+)
+
+
+async def use_code(
+    db: Database, *, keys: Keys, policy: OtpPolicy, now: datetime, challenge_id: int, nonce: str,
+    customer_id: int, code: str,
+) -> bool:
+    """The fast path of verify() for a right code: True when this entry used it (and the
+    customer's failures were reset, their other open codes ended). False means nothing
+    happened: call verify() with the loaded challenge for the verdict."""
+    won = await sql.execute(
+        db, _USE_BOUND, cid=challenge_id, uid=customer_id, binding=binding_hash(keys.binding, nonce),
+        hash=code_hash(keys.code, challenge_id, code), max_attempts=policy.max_attempts, now=now,
+    )
+    if won:
+        await _succeeded(db, customer_id, now)
+    return bool(won)
+
+
+async def _succeeded(db: Database, customer_id: int, now: datetime) -> None:
+    await sql.execute(db, _SUCCEEDED, cid=customer_id, now=now)
+    # Every other open code (and the pending steps that hold them) ends here.
+    await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
+
+
 async def verify(
     db: Database,
     *,
@@ -381,9 +421,7 @@ async def verify(
             if state is not None and state.used_at is None and state.invalidated_at is None:
                 return Verdict("dead")  # out of tries before this entry counted
             return Verdict("invalid")  # used or replaced meanwhile
-        await sql.execute(db, _SUCCEEDED, cid=challenge.customer_id, now=now)
-        # Every other open code (and the pending steps that hold them) ends here.
-        await sql.execute(db, _INVALIDATE_OPEN, cid=challenge.customer_id, now=now)
+        await _succeeded(db, challenge.customer_id, now)
         return Verdict("verified", customer_id=challenge.customer_id, purpose=challenge.purpose)
     # Count the attempt, guarded, so no burst gets more than max tries.
     if not await sql.execute(db, _COUNT, cid=challenge.id, max_attempts=policy.max_attempts):

@@ -87,16 +87,19 @@ def _hashing_slots() -> anyio.CapacityLimiter:
 
 
 _yielding = threading.local()
+# The niceness of the threads that hash (Linux: threads are tasks). At 19 a hash takes only
+# what the event loops, the database and everything else at 0 leave: a sign-in waits a little
+# longer for its hash, while every other request of every customer stops waiting on hashes.
+HASH_THREAD_NICE = 19
 
 
 def _yield_to_event_loop() -> None:
-    """Lower this worker thread's scheduling priority (Linux: threads are tasks). A hash may
-    take its 20 ms a little later; the event loop, serving everyone else, never waits for it."""
+    """Lower this worker thread's scheduling priority to HASH_THREAD_NICE."""
     if getattr(_yielding, "done", False):
         return
     _yielding.done = True
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_THREAD_NICE)
 
 
 def _low_priority(fn: Callable[..., T], *args: Any) -> T:

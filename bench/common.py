@@ -75,6 +75,28 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
 
 
+from app.security import HASH_THREAD_NICE  # noqa: E402  (the niceness of the threads that hash)
+
+
+def hash_thread_ticks(pid: int) -> dict[str, int]:
+    """utime + stime of each thread of a process that runs password hashing (recognised by
+    the niceness app.security gives it), by thread id."""
+    out: dict[str, int] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            data = (task / "stat").read_text()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2 :].split()
+        if int(fields[16]) == HASH_THREAD_NICE:  # field 19 of stat(5)
+            out[task.name] = int(fields[11]) + int(fields[12])
+    return out
+
+
 def sys_ticks(pid: int) -> int | None:
     """stime alone (kernel time: syscalls, page faults), in clock ticks."""
     try:

@@ -109,7 +109,7 @@ def _name(db: Database) -> str:
 
 
 async def _run(db: Database, q: Query, params: dict[str, Any], fetch: int) -> tuple[list[Any], int, int]:
-    """(rows, rowcount, lastrowid); fetch: 0 none, 1 one, 2 all."""
+    """(rows as namedtuples, rowcount, lastrowid); fetch: 0 none, 1 one, 2 all."""
     name = _name(db)
     p = q.prepared(name)
     args = _args(p, params)
@@ -118,23 +118,24 @@ async def _run(db: Database, q: Query, params: dict[str, Any], fetch: int) -> tu
         if name == "sqlite":
             async with raw.execute(p.sql, args) as cursor:
                 rows = [await cursor.fetchone()] if fetch == 1 else (await cursor.fetchall() if fetch else [])
-                return rows, int(cursor.rowcount), int(cursor.lastrowid or 0)
-        async with raw.cursor() as cursor:
-            await cursor.execute(p.sql, args)
-            rows = [await cursor.fetchone()] if fetch == 1 else (list(await cursor.fetchall()) if fetch else [])
-            return rows, int(cursor.rowcount), int(cursor.lastrowid or 0)
+                count, last = cursor.rowcount, cursor.lastrowid
+        else:
+            async with raw.cursor() as cursor:
+                await cursor.execute(p.sql, args)
+                rows = [await cursor.fetchone()] if fetch == 1 else (list(await cursor.fetchall()) if fetch else [])
+                count, last = cursor.rowcount, cursor.lastrowid
+    return [_row(p, r) for r in rows if r is not None], int(count), int(last or 0)
 
 
 async def fetch_one(db: Database, q: Query, **params: Any) -> Any | None:
     """The first row as a namedtuple of the selected columns, or None."""
     rows, _, _ = await _run(db, q, params, 1)
-    return None if not rows or rows[0] is None else _row(q.prepared(_name(db)), rows[0])
+    return rows[0] if rows else None
 
 
 async def fetch_all(db: Database, q: Query, **params: Any) -> list[Any]:
     rows, _, _ = await _run(db, q, params, 2)
-    p = q.prepared(_name(db))
-    return [_row(p, r) for r in rows]
+    return rows
 
 
 async def fetch_val(db: Database, q: Query, **params: Any) -> Any | None:

@@ -201,6 +201,8 @@ _REVOKE = sql.Query(
            auth_sessions.c.revoked_at.is_(None))
     .values(revoked_at=sa.bindparam("now"))
 )
+
+
 async def touch_session(db: Database, session_hash: str, now: datetime) -> None:
     await sql.execute(db, _TOUCH, sid=session_hash, now=now)
 

@@ -153,16 +153,6 @@ async def sent_recently(db: Database, *, recipient: str, kinds: tuple[str, ...],
     return await sql.fetch_val(db, _SENT_RECENTLY[kinds], recipient=recipient, since=since) is not None
 
 
-_DELIVERY = sql.Query(
-    sa.select(o.c.status).where(o.c.challenge_id == sa.bindparam("cid")).order_by(o.c.id.desc()).limit(1)
-)
-
-
-async def delivery_state(db: Database, *, challenge_id: int) -> str | None:
-    """The state of the newest mail for a challenge."""
-    return await sql.fetch_val(db, _DELIVERY, cid=challenge_id)  # type: ignore[no-any-return]
-
-
 async def recent(db: Database, sealer: Sealer, *, limit: int = 50) -> list[dict[str, Any]]:
     """The newest messages with their contexts (development inbox)."""
     rows = await db.fetch_all(sa.select(o).order_by(o.c.id.desc()).limit(limit))

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -65,9 +66,10 @@ def test_user_values_are_escaped_and_header_injection_is_impossible() -> None:
                                       "minutes": 15}, recipient="j@example.com", sender="no-reply@shop.example").parsed()
     assert "&lt;b&gt;Jane&lt;/b&gt;" in html_of(msg)
     assert msg["Bcc"] is None and "\r\nBcc" not in text_of(msg)
-    with pytest.raises(ValueError):
-        build("login_code", {"name": "x", "code": "123456", "minutes": 10},
-              recipient="a@example.com\r\nBcc: b@example.com", sender="no-reply@shop.example")
+    for bad in ("a@example.com\r\nBcc: b@example.com", "a@example.com>, <b@example.com"):
+        with pytest.raises(ValueError):
+            build("login_code", {"name": "x", "code": "123456", "minutes": 10}, recipient=bad,
+                  sender="no-reply@shop.example")
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -176,6 +178,21 @@ async def test_two_dispatchers_on_one_database_send_every_message_exactly_once(
     for i in range(40):
         assert len(smtp.to(f"m{i}@example.com")) == 1, i
     assert len(smtp.messages) == 40
+
+
+async def test_mail_queued_claimed_is_left_to_its_process_until_the_claim_runs_out(
+    server: Running, clock: FixedClock
+) -> None:
+    svc = server.services
+    queued = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="c@example.com", now=clock.now(),
+                                  context={"name": "x", "code": "123456", "minutes": 10}, claim=True)
+    assert queued.tries == 1  # the first try is counted at queueing
+    assert await outbox.due(svc.db, svc.sealer, now=clock.now(), limit=10) == []
+    # The process that claimed it died: once the claim runs out, any dispatcher may send it.
+    later = clock.now() + timedelta(seconds=outbox.CLAIM_SECONDS + 1)
+    (again,) = await outbox.due(svc.db, svc.sealer, now=later, limit=10)
+    assert again.id == queued.id and again.context["code"] == "123456"
+    assert await outbox.claim(svc.db, again, now=later)
 
 
 async def test_sends_concurrently_over_a_bounded_pool(settings: Settings, smtp: Capture) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -229,6 +230,46 @@ async def test_lockout_grows_progressively_and_success_resets_it(server: Running
     assert ok.status == "verified"
     row = await svc.db.fetch_one(sa.select(customers))
     assert row.otp_attempts == 0 and row.otp_lockouts == 0 and row.otp_locked_until is None
+
+
+async def _login_code(server: Running, smtp: Capture, clock: FixedClock, nonce: str) -> tuple[int, engine.Issued]:
+    svc = server.services
+    async with server.client() as c:
+        await registered(c, smtp)
+    customer_id = await svc.db.fetch_val(sa.select(customers.c.id))
+    clock.advance(61)
+    issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
+                                purpose=Purpose.LOGIN, nonce=nonce, sent_to="x")
+    return customer_id, issued
+
+
+async def test_sign_in_fast_path_refuses_a_right_code_while_the_customer_is_locked(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    svc = server.services
+    customer_id, issued = await _login_code(server, smtp, clock, "n")
+    await svc.db.execute(customers.update().values(otp_locked_until=clock.now() + timedelta(seconds=60)))
+    use = {"keys": svc.keys, "policy": svc.policy, "challenge_id": issued.challenge_id, "nonce": "n",
+               "customer_id": customer_id, "code": issued.code}
+    assert not await engine.use_code(svc.db, now=clock.now(), **use)
+    assert await svc.db.fetch_val(sa.select(otp_verification.c.used_at)) is None
+    clock.advance(61)
+    assert await engine.use_code(svc.db, now=clock.now(), **use)
+
+
+async def test_sign_in_fast_path_refuses_a_right_code_bound_to_another_pending_session(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    svc = server.services
+    customer_id, issued = await _login_code(server, smtp, clock, "mine")
+    use = {"keys": svc.keys, "policy": svc.policy, "now": clock.now(), "challenge_id": issued.challenge_id,
+               "customer_id": customer_id, "code": issued.code}
+    assert not await engine.use_code(svc.db, nonce="someone-else", **use)
+    wrong = "000000" if issued.code != "000000" else "111111"
+    assert not await engine.use_code(svc.db, nonce="mine", **{**use, "code": wrong})
+    row = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == issued.challenge_id))
+    assert row.used_at is None and row.attempts == 0  # a refusal here changes nothing
+    assert await engine.use_code(svc.db, nonce="mine", **use)
 
 
 async def test_twenty_concurrent_correct_submissions_give_exactly_one_session(server: Running, smtp: Capture) -> None:

@@ -27,6 +27,14 @@ env = jinja2.Environment(
 env.globals["htmx_version"] = HTMX_VERSION
 
 
+def compile_all() -> int:
+    """Compile every page template now (start-up) rather than on a first request."""
+    names = [n for n in env.list_templates() if n.endswith(".html")]
+    for name in names:
+        env.get_template(name)
+    return len(names)
+
+
 def _hhmm(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%H:%M")
 

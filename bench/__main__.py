@@ -224,7 +224,7 @@ class Bench:
                 R["scale"]["error"] = f"{type(exc).__name__}: {exc}"
 
         # One more loop-monitor period so the last run's stalls are written.
-        time.sleep(10.5)
+        time.sleep(1.5)
         R["stalls"] = R.pop("stalls_before_scale", []) + self.server.stalls()
         R["server_errors"] = R.pop("server_errors_before_scale", []) + self.server.errors()
         R["worker_vmhwm_kb_final"] = {**R.get("worker_vmhwm_kb_final", {}),

@@ -24,17 +24,21 @@ def _ts(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
 
 
+STALL_PERIOD_S = 1  # the app's loop monitor logs the worst stall of every second
+
+
 def stall_for(run: dict[str, Any], stalls: list[tuple[str, float]]) -> float | None:
-    """Worst LOOP_MONITOR value among the 10 s periods lying inside the run's window (the line's
+    """Worst LOOP_MONITOR value among the periods lying inside the run's window (the line's
     time has whole seconds: a period ends within 1 s after it); when the window holds no whole
-    period (short --quick windows), the periods overlapping it."""
+    period (very short windows), the periods overlapping it."""
     a, b = run.get("wall_start_utc"), run.get("wall_end_utc")
     if a is None:
         return None
-    inside = [ms for stamp, ms in stalls if _ts(stamp) - 10 >= a and _ts(stamp) + 1 <= b]
+    p = STALL_PERIOD_S
+    inside = [ms for stamp, ms in stalls if _ts(stamp) - p >= a and _ts(stamp) + 1 <= b]
     if inside:
         return max(inside)
-    vals = [ms for stamp, ms in stalls if _ts(stamp) - 11 <= b and _ts(stamp) + 1 >= a]
+    vals = [ms for stamp, ms in stalls if _ts(stamp) - p - 1 <= b and _ts(stamp) + 1 >= a]
     return max(vals) if vals else None
 
 

@@ -327,3 +327,41 @@ async def test_forged_or_garbled_session_cookie_is_ignored(server: Running) -> N
         r = await c.get("/dashboard")
         assert r.status_code == 303 and r.headers["location"] == "/login"
         assert (await c.get("/verify")).status_code == 303
+
+
+async def test_startup_compiles_every_statement_and_template_before_the_first_request(
+    settings: Settings, clock: FixedClock,
+) -> None:
+    """A new worker's first customers must not pay for compiling SQL and Jinja on the event loop."""
+    from app import sql, templating
+    from app.mail import messages
+
+    for env in (templating.env, messages.html_env, messages.text_env):
+        env.cache.clear()  # type: ignore[union-attr]
+    for q in list(sql._LIVE):
+        q._prepared.clear()
+    async with running(settings, clock) as app:
+        name = sql._name(app.services.db)
+        unprepared = [str(q.statement)[:60] for q in list(sql._LIVE) if name not in q._prepared]
+        assert unprepared == []
+        cached = {key[1] for key in templating.env.cache}  # type: ignore[union-attr]
+        pages = {n for n in templating.env.list_templates() if n.endswith(".html")}
+        assert pages and pages <= cached
+        mails = {key[1] for key in messages.html_env.cache} | {key[1] for key in messages.text_env.cache}  # type: ignore[union-attr]
+        assert {f"{kind}.{ext}" for kind in messages.SUBJECTS for ext in ("txt", "html")} <= mails
+
+
+async def test_loop_monitor_reports_a_stall_in_the_period_it_happened(caplog: pytest.LogCaptureFixture) -> None:
+    from app.main import loop_monitor
+
+    task = asyncio.create_task(loop_monitor(interval=0.005, period=0.2))
+    await asyncio.sleep(0.25)
+    time.sleep(0.06)  # blocks the event loop
+    await asyncio.sleep(0.45)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    stalls = [float(r.getMessage().split("=")[1]) for r in caplog.records if "max_stall_ms=" in r.getMessage()]
+    assert len(stalls) >= 3
+    assert max(stalls) >= 50
+    assert sorted(stalls)[-2] < 50  # only the period holding the stall reports it

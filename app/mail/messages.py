@@ -34,6 +34,14 @@ def clean(value: str) -> str:
     return _CONTROL.sub(" ", value).strip()
 
 
+def compile_all() -> int:
+    """Compile every mail template now (start-up) rather than for a first mail."""
+    for kind in SUBJECTS:
+        text_env.get_template(f"{kind}.txt")
+        html_env.get_template(f"{kind}.html")
+    return 2 * len(SUBJECTS)
+
+
 def render(kind: str, context: dict[str, Any]) -> tuple[str, str, str]:
     """(subject, text, html) for a message kind."""
     ctx = {k: clean(v) if isinstance(v, str) else v for k, v in context.items()}

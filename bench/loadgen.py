@@ -17,18 +17,14 @@ complete inside it, latencies count steps that complete inside it, and the app's
 from __future__ import annotations
 
 import asyncio
-import http.cookiejar
 import json
 import os
 import re
-import ssl
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from bench.capture import Capture, serve
 from bench.common import (
@@ -45,6 +41,7 @@ from bench.common import (
     sys_ticks,
     username,
 )
+from bench.http11 import Connection, Response
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 COOKIE = "__Host-session"
@@ -60,30 +57,25 @@ class NoCustomers(Exception):
     pass
 
 
-def _blocking_jar() -> http.cookiejar.CookieJar:
-    """httpx's shared client must keep no cookies: each flow keeps its own by hand."""
-    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-
-
 @dataclass
 class Browser:
-    """One flow's view: its session cookie, its address."""
+    """One flow's view: its connection, its session cookie, its address."""
 
-    client: httpx.AsyncClient
+    conn: Connection
     origin: str
     ip: str
     cookie: str | None = None
 
     def headers(self, post: bool = False) -> dict[str, str]:
-        h = {"X-Forwarded-For": self.ip, "User-Agent": "bench/1.0 python-httpx"}
+        h = {"X-Forwarded-For": self.ip, "User-Agent": "bench/1.0", "Accept": "text/html"}
         if self.cookie:
             h["Cookie"] = f"{COOKIE}={self.cookie}"
         if post:
             h["Origin"] = self.origin
         return h
 
-    def keep(self, response: httpx.Response) -> None:
-        for value in response.headers.get_list("set-cookie"):
+    def keep(self, response: Response) -> None:
+        for value in response.get_list("set-cookie"):
             name, _, rest = value.partition("=")
             if name.strip() != COOKIE:
                 continue
@@ -91,18 +83,18 @@ class Browser:
             deleted = "1970" in rest or val in ("", "null")
             self.cookie = None if deleted else val
 
-    async def get(self, path: str) -> httpx.Response:
-        r = await self.client.get(path, headers=self.headers())
+    async def get(self, path: str) -> Response:
+        r = await self.conn.get(path, self.headers())
         self.keep(r)
         return r
 
-    async def post(self, path: str, data: dict[str, str]) -> httpx.Response:
-        r = await self.client.post(path, data=data, headers=self.headers(post=True))
+    async def post(self, path: str, data: dict[str, str]) -> Response:
+        r = await self.conn.post(path, data, self.headers(post=True))
         self.keep(r)
         return r
 
 
-def _csrf(step: str, r: httpx.Response) -> str:
+def _csrf(step: str, r: Response) -> str:
     if r.status_code != 200:
         raise FlowError(step, f"status {r.status_code}")
     m = CSRF_RE.search(r.text)
@@ -111,9 +103,10 @@ def _csrf(step: str, r: httpx.Response) -> str:
     return m.group(1)
 
 
-def _see_other(step: str, r: httpx.Response, where: str) -> None:
-    if r.status_code != 303 or not r.headers.get("location", "").startswith(where):
-        raise FlowError(step, f"status {r.status_code} location {r.headers.get('location')!r}")
+def _see_other(step: str, r: Response, where: str) -> None:
+    location = r.header("location") or ""
+    if r.status_code != 303 or not location.startswith(where):
+        raise FlowError(step, f"status {r.status_code} location {location!r}")
 
 
 @dataclass
@@ -154,8 +147,9 @@ class Generator:
         self.stop = False
         self.origin = cfg["base_url"].rstrip("/")
         self.samples: dict[str, Any] = {"threads_max": {}, "rss_max_kb": {}}
-        self.ssl_context = ssl.create_default_context()  # never used (plain http), built once
-        self.timeout = httpx.Timeout(float(cfg.get("http_timeout", 30)))
+        target = urlsplit(cfg["base_url"])
+        self.host, self.port = target.hostname or "127.0.0.1", target.port or 80
+        self.timeout = float(cfg.get("http_timeout", 30))
 
     def customer(self) -> int:
         if self._next_customer >= self._customer_count:
@@ -164,23 +158,20 @@ class Generator:
         self._next_customer += 1
         return i
 
-    def new_client(self) -> httpx.AsyncClient:
+    async def flow(self) -> None:
         """A fresh browser: its own connection (so the kernel spreads flows over the workers, as
         it would new visitors), kept alive for the flow's seven requests, closed after it."""
-        transport = httpx.AsyncHTTPTransport(verify=self.ssl_context, retries=0,
-                                             limits=httpx.Limits(max_connections=2, max_keepalive_connections=2))
-        return httpx.AsyncClient(base_url=self.cfg["base_url"], transport=transport, timeout=self.timeout,
-                                 cookies=_blocking_jar(), follow_redirects=False, trust_env=False)
+        conn = Connection(self.host, self.port, self.timeout)
+        try:
+            await self._flow(conn)
+        finally:
+            await conn.close()
 
-    async def flow(self) -> None:
-        async with self.new_client() as client:
-            await self._flow(client)
-
-    async def _flow(self, client: httpx.AsyncClient) -> None:
+    async def _flow(self, conn: Connection) -> None:
         i = self.customer()
         ip = client_address(self._next_ip)
         self._next_ip += 1
-        b = Browser(client, self.origin, ip)
+        b = Browser(conn, self.origin, ip)
         who, address = username(i), email(i)
         rec, tm = self.rec, time.monotonic
         code_timeout = float(self.cfg["code_timeout"])

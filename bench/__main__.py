@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import dbtools, hashbound, report
-from bench.common import REPO, RESULTS, TMP, free_port, pid_of_command, status_field
+from bench.common import REPO, RESULTS, TMP, free_port, pid_of_command, set_tag, status_field
 from bench.server import Uvicorn, app_env
 
 
@@ -83,6 +83,7 @@ class Bench:
         self.db = f"bench_{datetime.now(UTC):%Y%m%d_%H%M%S}_{os.getpid()}"
         self.db_created = False
         self.secret = secrets.token_urlsafe(48)
+        set_tag(secrets.token_hex(3))  # this run's usernames: see bench.common.set_tag
         self.port, self.smtp_port = free_port(), free_port()
         self.server: Uvicorn | None = None
         self.next_customer = 1

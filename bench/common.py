@@ -18,12 +18,27 @@ XFF_NET = ipaddress.ip_network("198.18.0.0/15")  # RFC 2544 benchmarking range
 STEPS = ("get_login", "post_login", "code_wait", "get_verify", "post_verify", "get_dashboard", "post_logout")
 
 
+# Usernames carry a tag of the run (hex, set by the bench before it seeds): the app counts
+# sign-ins per account in Redis for 15 minutes, and a shared Redis must not carry one run's
+# counts into the next run's identical usernames (that showed as a burst of 422s).
+TAG = os.environ.get("BENCH_TAG", "")
+
+
+def set_tag(tag: str) -> None:
+    """Tag this process's usernames, and those of the processes it starts (the load generator)."""
+    global TAG
+    if not all(ch in "0123456789abcdef" for ch in tag):
+        raise ValueError("the tag is lower-case hex (it goes into SQL of the bulk load)")
+    TAG = tag
+    os.environ["BENCH_TAG"] = tag
+
+
 def username(i: int) -> str:
-    return f"b{i:07d}"
+    return f"b{TAG}{i:07d}"
 
 
 def email(i: int) -> str:
-    return f"b{i:07d}@bench.example"
+    return f"{username(i)}@bench.example"
 
 
 def client_address(n: int) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pymysql
 
+from bench import common
 from bench.common import PASSWORD, REPO, email, username
 
 
@@ -118,7 +119,7 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
             path.write_text("".join(f"{i}\n" for i in range(lo, hi)))
             loaded += _load(cur, path, (
                 "LOAD DATA LOCAL INFILE '{path}' INTO TABLE customers (@id) SET id=@id, "
-                "username=CONCAT('b', LPAD(@id, 7, '0')), email=CONCAT('b', LPAD(@id, 7, '0'), '@bench.example'), "
+                f"username=CONCAT('b{common.TAG}', LPAD(@id, 7, '0')), email=CONCAT('b{common.TAG}', LPAD(@id, 7, '0'), '@bench.example'), "
                 "full_name=CONCAT('Bench Customer ', @id), password_hash=@h, "
                 "created_at=@now - INTERVAL 30 DAY, email_verified_at=@now - INTERVAL 30 DAY, otp_enabled=1, "
                 "otp_attempts=0, otp_lockouts=0, session_version=0"

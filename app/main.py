@@ -38,7 +38,7 @@ from app.mail.outbox import Sealer
 from app.mail.transport import ConsoleTransport, SmtpTransport, Transport
 from app.otp.cleanup import run_cleanup_forever
 from app.ratelimit import RateLimiter
-from app.security import SecurityHeadersMiddleware, derive_key
+from app.security import SecurityHeadersMiddleware, configure_hashing, derive_key
 from app.services import Services
 from app.settings import Settings, load_settings
 from app.templating import render
@@ -191,6 +191,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
     # stat() per template per request.
     for jinja_env in (templating.env, messages.html_env, messages.text_env):
         jinja_env.auto_reload = settings.is_development
+    configure_hashing(settings.hash_concurrency)
     db = make_database(settings)
     keys = otp.Keys(code=derive_key(settings.secret_key, "otp-code"), binding=derive_key(settings.secret_key, "otp-binding"))
     sealer = Sealer(derive_key(settings.secret_key, "mail-outbox"))

@@ -75,14 +75,33 @@ def _check_password(stored: str | None, password: str) -> tuple[bool, bool]:
 
 
 _hashers: anyio.CapacityLimiter | None = None
+_hash_slots = 0
+
+
+def hash_slots(configured: int = 0) -> int:
+    """How many Argon2 runs this process allows at once: HASH_CONCURRENCY, or else one per
+    core divided among the WEB_CONCURRENCY workers uvicorn starts (at least one)."""
+    if configured > 0:
+        return configured
+    cores = os.cpu_count() or 1
+    try:
+        workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+    except ValueError:
+        workers = 1
+    return max(1, cores // max(1, workers))
+
+
+def configure_hashing(configured: int) -> None:
+    global _hashers, _hash_slots
+    _hash_slots, _hashers = hash_slots(configured), None
 
 
 def _hashing_slots() -> anyio.CapacityLimiter:
-    """At most one Argon2 run per core at a time in this process: each takes 19 MiB and a
-    core, so more threads only add memory and starve the event loop."""
+    """Each Argon2 run takes 19 MiB and a core: more at once than the cores (of all workers)
+    only adds memory, cache misses and event-loop stalls."""
     global _hashers
     if _hashers is None:
-        _hashers = anyio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        _hashers = anyio.CapacityLimiter(_hash_slots or hash_slots())
     return _hashers
 
 

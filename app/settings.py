@@ -49,6 +49,7 @@ class Settings:
     session_idle_timeout: int = 1800
     session_absolute_timeout: int = 43200
     db_pool_size: int = 10
+    hash_concurrency: int = 0  # Argon2 runs at once per process; 0: cores (÷ WEB_CONCURRENCY)
     loop_monitor: bool = False
 
     def __post_init__(self) -> None:
@@ -56,6 +57,8 @@ class Settings:
             raise SettingsError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {self.app_env!r}")
         if self.smtp_security not in SMTP_SECURITY:
             raise SettingsError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)}")
+        if self.hash_concurrency < 0:
+            raise SettingsError("HASH_CONCURRENCY must be 0 (one per core) or a positive number")
         if not self.database_url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
             raise SettingsError("DATABASE_URL must start with sqlite+aiosqlite:// or mysql+aiomysql://")
         if len(self.secret_key.encode()) < 32:
@@ -138,6 +141,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides:
             "session_idle_timeout": config("SESSION_IDLE_TIMEOUT", cast=int, default=1800),
             "session_absolute_timeout": config("SESSION_ABSOLUTE_TIMEOUT", cast=int, default=43200),
             "db_pool_size": config("DB_POOL_SIZE", cast=int, default=10),
+            "hash_concurrency": config("HASH_CONCURRENCY", cast=int, default=0),
             "loop_monitor": config("LOOP_MONITOR", cast=bool, default=False),
         }
     except ValueError as exc:

@@ -103,6 +103,8 @@ class Bench:
             "APP_ENV": "production", "DATABASE_URL": self.database_url, "SECRET_KEY": self.secret,
             "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.smtp_port), "SMTP_SECURITY": "none",
             "RATE_LIMIT_STORAGE": a.redis_url, "TRUSTED_PROXIES": "127.0.0.1", "LOOP_MONITOR": "1",
+            # As the README tells an operator who starts uvicorn with --workers N.
+            "HASH_CONCURRENCY": str(max(1, (os.cpu_count() or 1) // a.workers)),
         }
         if a.smtp_pool_size:
             s["SMTP_POOL_SIZE"] = str(a.smtp_pool_size)

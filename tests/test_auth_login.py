@@ -221,3 +221,59 @@ async def test_mixed_case_legacy_email_signs_in_and_blocks_duplicates(
     (notice,) = await wait_mail(smtp, "Alice@Example.COM")
     assert "already" in notice["Subject"]
     assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(customers)) == 1
+
+
+async def test_password_hashing_runs_at_most_hash_concurrency_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Argon2 run takes 19 MiB and a core: a process never runs more than its share."""
+    import threading
+
+    import anyio
+
+    from app import security
+
+    running = peak = 0
+    lock = threading.Lock()
+    real = security._check_password
+
+    def counted(stored: str | None, password: str) -> tuple[bool, bool]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return real(stored, password)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(security, "_check_password", counted)
+    for slots in (1, 2):
+        security.configure_hashing(slots)
+        running = peak = 0
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):
+                tg.start_soon(security.check_password, None, PASSWORD)
+        assert peak == slots
+    security.configure_hashing(0)
+
+
+def test_hash_concurrency_defaults_to_the_cores_shared_among_web_concurrency_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    from app import security
+    from app.settings import Settings, SettingsError
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
+    assert security.hash_slots(0) == 8
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    assert security.hash_slots(0) == 2
+    monkeypatch.setenv("WEB_CONCURRENCY", "16")
+    assert security.hash_slots(0) == 1
+    monkeypatch.setenv("WEB_CONCURRENCY", "many")
+    assert security.hash_slots(0) == 8
+    assert security.hash_slots(3) == 3
+    with pytest.raises(SettingsError, match="HASH_CONCURRENCY"):
+        Settings(hash_concurrency=-1)

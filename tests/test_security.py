@@ -283,6 +283,32 @@ async def test_per_ip_limit_answers_429_with_retry_after(settings: Settings, clo
         assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0 and "Too many attempts" in r.text
 
 
+async def test_sign_out_is_never_rate_limited(server: Running, smtp: Capture) -> None:
+    """Customers behind one address share its budget: sign-out must end the session whatever
+    that budget holds, so it takes nothing from it (and a 429 can never keep a session open)."""
+    limiter = server.services.limiter
+    scopes: list[str] = []
+    real_hit = limiter.hit
+
+    async def hit(scope: str, key: str) -> int:
+        scopes.append(scope)
+        return await real_hit(scope, key)
+
+    limiter.hit = hit
+    async with server.client() as c:
+        await registered(c, smtp)
+        assert scopes == ["register", "verify"]
+        token = await get_csrf(c, "/dashboard")
+        r = await c.post("/logout", data={"csrf_token": token})
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+        assert (await c.get("/dashboard")).status_code == 303  # signed out for real
+        await login(c, "jane")
+        token = await get_csrf(c, "/verify")
+        r = await c.post("/logout/everywhere", data={"csrf_token": token})
+        assert r.status_code == 303
+    assert scopes == ["register", "verify", "login"]
+
+
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(settings: Settings, clock: FixedClock) -> None:
     import ipaddress
 

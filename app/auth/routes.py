@@ -30,8 +30,9 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 # --- guards ------------------------------------------------------------------------------
 
 
-def guarded(scope: str) -> Callable[[Endpoint], Endpoint]:
-    """CSRF and Origin check, then the per-address rate limit, before the endpoint runs."""
+def guarded(scope: str | None) -> Callable[[Endpoint], Endpoint]:
+    """CSRF and Origin check, then the per-address rate limit of `scope` (None: none), before
+    the endpoint runs."""
 
     def decorate(endpoint: Endpoint) -> Endpoint:
         @wraps(endpoint)
@@ -39,7 +40,7 @@ def guarded(scope: str) -> Callable[[Endpoint], Endpoint]:
             svc = services(request)
             if not await csrf_ok(request, svc.settings.trusted_proxies):
                 return render(request, "errors/403.html", status=403)
-            wait = await svc.limiter.hit(scope, ip_of(request))
+            wait = await svc.limiter.hit(scope, ip_of(request)) if scope else 0
             if wait:
                 return render(
                     request, "errors/429.html", {"retry_after": wait}, status=429, headers={"Retry-After": str(wait)}
@@ -463,7 +464,10 @@ async def delivery(request: Request) -> Response:
 # --- sign-out ----------------------------------------------------------------------------
 
 
-@guarded("logout")
+# Signing out is never rate limited: customers behind one address (a library, an office)
+# share its per-address budget, and a 429 here would leave a session open on a shared
+# computer. It needs a session and a CSRF token to do anything, so it is no guessing oracle.
+@guarded(None)
 @one_connection
 async def logout(request: Request) -> Response:
     svc = services(request)
@@ -474,7 +478,7 @@ async def logout(request: Request) -> Response:
     return redirect(request, "/login?signed_out=1")
 
 
-@guarded("logout")
+@guarded(None)
 @one_connection
 async def logout_everywhere(request: Request) -> Response:
     svc = services(request)

@@ -49,7 +49,7 @@ async def _otp(args: argparse.Namespace) -> int:
                     print(f"No customer has the email {args.email}.", file=sys.stderr)
                     return 1
         else:
-            deleted = await cleanup(db, now=SystemClock().now())
+            deleted = await cleanup(db, now=SystemClock().now(), sent_kept=settings.is_development)
             print(f"Deleted {deleted} finished code(s); their counts are kept in otp_stats.")
     finally:
         await db.disconnect()

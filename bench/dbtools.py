@@ -165,7 +165,7 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
                 mail_loaded += _load(cur, path, (
                     "LOAD DATA LOCAL INFILE '{path}' INTO TABLE mail_outbox (@id, @cid, @age, @st) SET "
                     "kind='login_code', customer_id=@cid, challenge_id=@id, "
-                    "recipient=CONCAT('b', LPAD(@cid, 7, '0'), '@bench.example'), payload=NULL, status='sent', "
+                    f"recipient=CONCAT('b{common.TAG}', LPAD(@cid, 7, '0'), '@bench.example'), payload=NULL, status='sent', "
                     "tries=1, created_at=@now - INTERVAL @age SECOND, next_attempt_at=@now - INTERVAL @age SECOND, "
                     "sent_at=@now - INTERVAL @age SECOND + INTERVAL 1 SECOND, "
                     "expires_at=@now - INTERVAL @age SECOND + INTERVAL 600 SECOND"

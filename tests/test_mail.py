@@ -285,3 +285,32 @@ async def test_outbox_payload_is_sealed_and_wiped_once_sent(server: Running, smt
     await asyncio.sleep(0.05)
     assert await server.services.db.fetch_val(sa.select(mail_outbox.c.payload)) is None
     _ = get_csrf
+
+
+async def test_cleanup_wipes_the_payload_of_mail_whose_code_expired_unsent(
+    server: Running, smtp: Capture, clock: FixedClock,
+) -> None:
+    """Sent mail lost its payload when marked; what never went out loses it once its code has
+    expired. Development's kept sent mail (/dev/mail) goes too, and only there."""
+    from app.otp.cleanup import cleanup
+
+    svc = server.services
+    ctx = {"name": "x", "code": "123456", "minutes": 10}
+    expires = clock.now() + timedelta(minutes=10)
+    stuck = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="stuck@example.com",
+                                 now=clock.now(), context=ctx, expires_at=expires, claim=True)  # its process died
+    kept = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="kept@example.com",
+                                now=clock.now(), context=ctx, expires_at=expires, claim=True)
+    await outbox.mark(svc.db, kept.id, outbox.SENT, now=clock.now(), keep_sent=True)
+
+    async def payloads() -> dict[int, bool]:
+        rows = await svc.db.fetch_all(sa.select(mail_outbox.c.id, mail_outbox.c.payload))
+        return {r.id: r.payload is not None for r in rows}
+
+    await cleanup(svc.db, now=clock.now(), sent_kept=True)
+    assert await payloads() == {stuck.id: True, kept.id: True}  # codes still valid: nothing goes
+    clock.advance(11 * 60)
+    await cleanup(svc.db, now=clock.now())
+    assert await payloads() == {stuck.id: False, kept.id: True}
+    await cleanup(svc.db, now=clock.now(), sent_kept=True)
+    assert await payloads() == {stuck.id: False, kept.id: False}

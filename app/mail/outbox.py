@@ -164,12 +164,32 @@ async def recent(db: Database, sealer: Sealer, *, limit: int = 50) -> list[dict[
     return out
 
 
-async def purge_payloads(db: Database, *, now: datetime, window: timedelta = timedelta(days=1)) -> int:
-    """Wipe sealed payloads that can no longer help (their code expired). Looks back one
-    window on the expires_at index; the clean-up runs every few minutes."""
-    o = mail_outbox
-    return await sql.execute(db, sql.Query(
-        o.update()
-        .where(o.c.expires_at <= now, o.c.expires_at > now - window, o.c.payload.is_not(None))
-        .values(payload=None)
-    ))
+_PURGE_UNSENT = sql.Query(
+    mail_outbox.update()
+    .where(
+        # Two equalities, not IN: prepared statements take no expanding parameters.
+        sa.or_(mail_outbox.c.status == QUEUED, mail_outbox.c.status == SENDING),
+        mail_outbox.c.expires_at <= sa.bindparam("now"),
+        mail_outbox.c.payload.is_not(None),
+    )
+    .values(payload=None)
+)
+_PURGE_KEPT = sql.Query(
+    mail_outbox.update()
+    .where(mail_outbox.c.status == SENT, mail_outbox.c.expires_at <= sa.bindparam("now"),
+           mail_outbox.c.expires_at > sa.bindparam("since"), mail_outbox.c.payload.is_not(None))
+    .values(payload=None)
+)
+
+
+async def purge_payloads(db: Database, *, now: datetime, sent_kept: bool = False,
+                         window: timedelta = timedelta(days=1)) -> int:
+    """Wipe sealed payloads that can no longer help (their code expired). Sent, failed and
+    expired mail lost its payload when it was marked, so only mail still queued or being
+    sent is looked at: a range on the (status, next_attempt_at) index, however many sent
+    rows the table holds. With `sent_kept` (development keeps sent mail for /dev/mail),
+    sent mail whose code expired within the last window goes too (the expires_at index)."""
+    n = await sql.execute(db, _PURGE_UNSENT, now=now)
+    if sent_kept:
+        n += await sql.execute(db, _PURGE_KEPT, now=now, since=now - window)
+    return n

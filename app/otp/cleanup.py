@@ -23,7 +23,7 @@ GRACE = timedelta(hours=1)  # keep finished codes a while, so support can see wh
 BATCH = 2000
 
 
-async def cleanup(db: Database, *, now: datetime) -> int:
+async def cleanup(db: Database, *, now: datetime, sent_kept: bool = False) -> int:
     """Fold finished codes into otp_stats and delete them, in batches. Returns how many went.
 
     Every code expires within its TTL, so "expired more than the grace period ago" covers
@@ -35,7 +35,7 @@ async def cleanup(db: Database, *, now: datetime) -> int:
         deleted += n
         if n < BATCH:
             break
-    await outbox.purge_payloads(db, now=now)
+    await outbox.purge_payloads(db, now=now, sent_kept=sent_kept)
     return deleted
 
 
@@ -88,7 +88,7 @@ async def run_cleanup_forever(services: Services) -> None:
     while True:
         await asyncio.sleep(services.settings.otp_cleanup_interval)
         try:
-            n = await cleanup(services.db, now=services.clock.now())
+            n = await cleanup(services.db, now=services.clock.now(), sent_kept=services.mailer.keep_sent)
             if n:
                 log.info("otp cleanup deleted=%d", n)
         except Exception as exc:

@@ -33,7 +33,11 @@ def services(request: Request) -> Services:
 
 
 def ip_of(request: Request) -> str:
-    return client_ip(request, services(request).settings.trusted_proxies)
+    """The client address, worked out once per request (the guard, the route and the audit ask)."""
+    ip = request.scope.get("app.client_ip")
+    if ip is None:
+        ip = request.scope["app.client_ip"] = client_ip(request, services(request).settings.trusted_proxies)
+    return ip  # type: ignore[no-any-return]
 
 
 def ua_of(request: Request) -> str:

@@ -479,3 +479,17 @@ async def test_dev_inbox_is_hidden_from_other_machines(settings: Settings, clock
             assert (await remote.get("/dev/mail")).status_code == 404
         async with server.client() as local:
             assert (await local.get("/dev/mail")).status_code == 200
+
+
+async def test_signed_in_pages_never_read_the_password_hash(server: Running, smtp: Capture) -> None:
+    """Every signed-in request loads its session and customer: without the password hash."""
+    from app.auth import queries
+
+    assert "password_hash" not in str(queries._LOAD_SESSION.statement)
+    async with server.client() as c:
+        await registered(c, smtp)
+        assert (await c.get("/dashboard")).status_code == 200
+        sid = await server.services.db.fetch_val(sa.select(auth_sessions.c.id))
+        now = server.state["clock"].now()
+        loaded = await queries.load_session(server.services.db, session_hash=sid, now=now, idle=1800, absolute=43200)
+        assert loaded is not None and loaded[1].email == "jane@example.com" and loaded[1].password_hash == ""

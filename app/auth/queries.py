@@ -46,7 +46,7 @@ def _customer(rec: Any) -> Customer | None:
         username=rec.username,
         email=rec.email,
         full_name=rec.full_name or "",
-        password_hash=rec.password_hash,
+        password_hash=getattr(rec, "password_hash", ""),  # "" where it was not read (a session's load)
         email_verified_at=rec.email_verified_at,
         otp_enabled=bool(rec.otp_enabled),
         session_version=rec.session_version,
@@ -171,7 +171,9 @@ async def create_session(
 _LOAD_SESSION = sql.Query(
     sa.select(
         auth_sessions.c.id.label("sid"), auth_sessions.c.created_at, auth_sessions.c.last_seen_at, auth_sessions.c.ip,
-        auth_sessions.c.user_agent, auth_sessions.c.session_version.label("sv"), *_COLS,
+        auth_sessions.c.user_agent, auth_sessions.c.session_version.label("sv"),
+        # Every signed-in page loads this: not the password hash, which no such page needs.
+        *(col for col in _COLS if col is not customers.c.password_hash),
     )
     .select_from(auth_sessions.join(customers, customers.c.id == auth_sessions.c.customer_id))
     .where(auth_sessions.c.id == sa.bindparam("sid"), auth_sessions.c.revoked_at.is_(None))

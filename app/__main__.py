@@ -49,7 +49,8 @@ async def _otp(args: argparse.Namespace) -> int:
                     print(f"No customer has the email {args.email}.", file=sys.stderr)
                     return 1
         else:
-            deleted = await cleanup(db, now=SystemClock().now(), sent_kept=settings.is_development)
+            # On demand, sent mail a development process kept is looked for too, in any mode.
+            deleted = await cleanup(db, now=SystemClock().now(), sent_kept=True)
             print(f"Deleted {deleted} finished code(s); their counts are kept in otp_stats.")
     finally:
         await db.disconnect()

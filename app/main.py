@@ -208,15 +208,16 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        # Compile the module-level statements and every template before the first request,
+        # not on its event-loop time (and before anything starts that a failure would strand).
+        sql.prepare_all(db)
+        templating.compile_all()
+        messages.compile_all()
         await db.connect()
         if settings.is_sqlite:
             with contextlib.suppress(Exception):
                 await db.execute("PRAGMA journal_mode=WAL")
         mailer.start()
-        # Compile statements and templates before the first request, not on its event-loop time.
-        sql.prepare_all(db)
-        templating.compile_all()
-        messages.compile_all()
         # What start-up allocated lives as long as the process: keep it out of every
         # collection, so full collections stay short (event-loop stalls under load).
         gc.collect()

@@ -83,7 +83,10 @@ def hash_slots(configured: int = 0) -> int:
     core divided among the WEB_CONCURRENCY workers uvicorn starts (at least one)."""
     if configured > 0:
         return configured
-    cores = os.cpu_count() or 1
+    try:
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on (containers, taskset)
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
     try:
         workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
     except ValueError:

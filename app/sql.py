@@ -93,7 +93,8 @@ _LIVE: weakref.WeakSet[Query] = weakref.WeakSet()
 
 
 def prepare_all(db: Database) -> int:
-    """Compile every statement defined so far for this database's dialect, at start-up: compiling
+    """Compile every statement defined so far (the module-level ones; a few built on first use,
+    such as the outbox's status updates, compile then) for this database's dialect, at start-up: compiling
     one takes 0.5-3 ms of CPU, which the first requests of a new worker would otherwise spend
     on the event loop (stalls of 20-30 ms measured right after a start). How many it compiled."""
     name = _name(db)

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from app.clock import FixedClock
 from app.security import _DUMMY_HASH, ARGON2, _check_password
+from app.settings import Settings
 from app.tables import customers
 from tests.conftest import (
     PASSWORD,
@@ -247,14 +248,29 @@ async def test_password_hashing_runs_at_most_hash_concurrency_at_once(monkeypatc
                 running -= 1
 
     monkeypatch.setattr(security, "_check_password", counted)
-    for slots in (1, 2):
-        security.configure_hashing(slots)
-        running = peak = 0
-        async with anyio.create_task_group() as tg:
-            for _ in range(6):
-                tg.start_soon(security.check_password, None, PASSWORD)
-        assert peak == slots
-    security.configure_hashing(0)
+    try:
+        for slots in (1, 2):
+            security.configure_hashing(slots)
+            running = peak = 0
+            async with anyio.create_task_group() as tg:
+                for _ in range(6):
+                    tg.start_soon(security.check_password, None, PASSWORD)
+            assert peak == slots
+    finally:
+        security.configure_hashing(0)
+
+
+async def test_hash_concurrency_setting_reaches_the_hashing(settings: Settings) -> None:
+    from dataclasses import replace
+
+    from app import security
+    from app.main import create_app
+
+    try:
+        create_app(replace(settings, hash_concurrency=3))
+        assert security._hashing_slots().total_tokens == 3
+    finally:
+        security.configure_hashing(0)
 
 
 def test_hash_concurrency_defaults_to_the_cores_shared_among_web_concurrency_workers(
@@ -265,7 +281,7 @@ def test_hash_concurrency_defaults_to_the_cores_shared_among_web_concurrency_wor
     from app import security
     from app.settings import Settings, SettingsError
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("WEB_CONCURRENCY", raising=False)
     assert security.hash_slots(0) == 8
     monkeypatch.setenv("WEB_CONCURRENCY", "4")

@@ -302,15 +302,21 @@ async def test_cleanup_wipes_the_payload_of_mail_whose_code_expired_unsent(
     kept = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="kept@example.com",
                                 now=clock.now(), context=ctx, expires_at=expires, claim=True)
     await outbox.mark(svc.db, kept.id, outbox.SENT, now=clock.now(), keep_sent=True)
+    # Queued for a retry later than its code lives (the dispatcher leaves it alone until then).
+    retry = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="retry@example.com",
+                                 now=clock.now(), context=ctx, expires_at=expires, claim=True)
+    await outbox.mark(svc.db, retry.id, outbox.QUEUED, now=clock.now(), error="421 try later",
+                      retry_at=clock.now() + timedelta(hours=1))
 
     async def payloads() -> dict[int, bool]:
         rows = await svc.db.fetch_all(sa.select(mail_outbox.c.id, mail_outbox.c.payload))
         return {r.id: r.payload is not None for r in rows}
 
     await cleanup(svc.db, now=clock.now(), sent_kept=True)
-    assert await payloads() == {stuck.id: True, kept.id: True}  # codes still valid: nothing goes
+    assert await payloads() == {stuck.id: True, kept.id: True, retry.id: True}  # codes still valid
     clock.advance(11 * 60)
     await cleanup(svc.db, now=clock.now())
-    assert await payloads() == {stuck.id: False, kept.id: True}
+    assert await payloads() == {stuck.id: False, kept.id: True, retry.id: False}
+    clock.advance(2 * 24 * 3600)  # however long ago it expired
     await cleanup(svc.db, now=clock.now(), sent_kept=True)
-    assert await payloads() == {stuck.id: False, kept.id: False}
+    assert await payloads() == {stuck.id: False, kept.id: False, retry.id: False}

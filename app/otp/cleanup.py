@@ -47,9 +47,10 @@ async def _cleanup_batch(db: Database, *, cutoff: datetime) -> int:
         else_="expired",
     )
     async with db.transaction():
-        # Take the write lock first: on SQLite (WAL) a transaction that read before another
-        # connection's commit cannot become a writer later.
-        await db.execute(otp_stats.update().where(sa.false()).values(codes=otp_stats.c.codes))
+        if db.url.dialect == "sqlite":
+            # Take the write lock first: on SQLite (WAL) a transaction that read before another
+            # connection's commit cannot become a writer later.
+            await db.execute(otp_stats.update().where(sa.false()).values(codes=otp_stats.c.codes))
         rows = await db.fetch_all(
             sa.select(o.c.id, o.c.kind, o.c.purpose, o.c.created_at, o.c.attempts, outcome.label("outcome"))
             .where(o.c.expires_at <= cutoff)

@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="add a run at the highest C with py-spy recording each worker (needs py-spy)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-loop-monitor", action="store_true",
+                   help="run the app without LOOP_MONITOR (no stall numbers; shows what the monitor costs)")
     p.add_argument("--mysql-host", default="127.0.0.1")
     p.add_argument("--mysql-port", type=int, default=3306)
     p.add_argument("--mysql-user", default="root")
@@ -102,7 +104,8 @@ class Bench:
         s = {
             "APP_ENV": "production", "DATABASE_URL": self.database_url, "SECRET_KEY": self.secret,
             "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.smtp_port), "SMTP_SECURITY": "none",
-            "RATE_LIMIT_STORAGE": a.redis_url, "TRUSTED_PROXIES": "127.0.0.1", "LOOP_MONITOR": "1",
+            "RATE_LIMIT_STORAGE": a.redis_url, "TRUSTED_PROXIES": "127.0.0.1",
+            "LOOP_MONITOR": "0" if a.no_loop_monitor else "1",
             # As the README tells an operator who starts uvicorn with --workers N.
             "HASH_CONCURRENCY": str(max(1, (os.cpu_count() or 1) // a.workers)),
         }

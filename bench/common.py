@@ -90,12 +90,12 @@ def cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
 
 
-from app.security import HASH_THREAD_NICE  # noqa: E402  (the niceness of the threads that hash)
+from app.security import HASH_THREAD_NAME  # noqa: E402  (the OS name of the threads that hash)
 
 
 def hash_thread_ticks(pid: int) -> dict[str, int]:
     """utime + stime of each thread of a process that runs password hashing (recognised by
-    the niceness app.security gives it), by thread id."""
+    the name app.security gives it), by thread id."""
     out: dict[str, int] = {}
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
@@ -106,8 +106,9 @@ def hash_thread_ticks(pid: int) -> dict[str, int]:
             data = (task / "stat").read_text()
         except OSError:
             continue
-        fields = data[data.rindex(")") + 2 :].split()
-        if int(fields[16]) == HASH_THREAD_NICE:  # field 19 of stat(5)
+        name = data[data.index("(") + 1 : data.rindex(")")]
+        if name == HASH_THREAD_NAME:
+            fields = data[data.rindex(")") + 2 :].split()
             out[task.name] = int(fields[11]) + int(fields[12])
     return out
 

@@ -293,3 +293,14 @@ def test_hash_concurrency_defaults_to_the_cores_shared_among_web_concurrency_wor
     assert security.hash_slots(3) == 3
     with pytest.raises(SettingsError, match="HASH_CONCURRENCY"):
         Settings(hash_concurrency=-1)
+
+
+async def test_hashing_threads_are_named_for_the_os() -> None:
+    """`top -H` (and the bench, reading /proc) tells the Argon2 threads from the rest."""
+    from pathlib import Path
+
+    from app import security
+
+    await security.check_password(None, PASSWORD)
+    names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
+    assert security.HASH_THREAD_NAME in names

@@ -174,19 +174,18 @@ async def loop_monitor(interval: float = 0.005, period: float = 1.0) -> None:
     of CPU per sign-in at C=32)."""
     loop = asyncio.get_running_loop()
     # Measured on the real clock: uvloop's loop.time() is the cached start of the iteration.
-    state = {"due": time.monotonic() + interval, "since": time.monotonic(), "worst": 0.0}
+    since = time.monotonic()
+    due, worst = since + interval, 0.0
     handle: asyncio.TimerHandle | None = None
 
     def tick() -> None:
-        nonlocal handle
+        nonlocal handle, since, due, worst
         now = time.monotonic()
-        late = now - state["due"]
-        if late > state["worst"]:
-            state["worst"] = late
-        if now - state["since"] >= period:
-            log.warning("loop-monitor max_stall_ms=%.1f", state["worst"] * 1000)
-            state["worst"], state["since"] = 0.0, now
-        state["due"] = now + interval
+        worst = max(worst, now - due)
+        if now - since >= period:
+            log.warning("loop-monitor max_stall_ms=%.1f", worst * 1000)
+            worst, since = 0.0, now
+        due = now + interval
         handle = loop.call_later(interval, tick)
 
     handle = loop.call_later(interval, tick)

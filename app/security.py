@@ -78,19 +78,20 @@ _hashers: anyio.CapacityLimiter | None = None
 _hash_slots = 0
 
 
-def hash_slots(configured: int = 0) -> int:
+def hash_slots(configured: int = 0, *, workers: int | None = None) -> int:
     """How many Argon2 runs this process allows at once: HASH_CONCURRENCY, or else one per
-    core divided among the WEB_CONCURRENCY workers uvicorn starts (at least one)."""
+    core divided among the workers (by default the WEB_CONCURRENCY uvicorn starts), at least one."""
     if configured > 0:
         return configured
     try:
         cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on (containers, taskset)
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
-    except ValueError:
-        workers = 1
+    if workers is None:
+        try:
+            workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+        except ValueError:
+            workers = 1
     return max(1, cores // max(1, workers))
 
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from app.security import hash_slots
 from bench import dbtools, hashbound, report
 from bench.common import REPO, RESULTS, TMP, free_port, pid_of_command, set_tag, status_field
 from bench.server import Uvicorn, app_env
@@ -107,7 +108,7 @@ class Bench:
             "RATE_LIMIT_STORAGE": a.redis_url, "TRUSTED_PROXIES": "127.0.0.1",
             "LOOP_MONITOR": "0" if a.no_loop_monitor else "1",
             # As the README tells an operator who starts uvicorn with --workers N.
-            "HASH_CONCURRENCY": str(max(1, (os.cpu_count() or 1) // a.workers)),
+            "HASH_CONCURRENCY": str(hash_slots(workers=a.workers)),
         }
         if a.smtp_pool_size:
             s["SMTP_POOL_SIZE"] = str(a.smtp_pool_size)

@@ -7,6 +7,8 @@ import os
 import socket
 from pathlib import Path
 
+from app.security import HASH_THREAD_NAME  # the OS name of the threads that hash
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "results"
@@ -80,17 +82,19 @@ def summary(values: list[float]) -> dict[str, float | int | None]:
 # --- /proc -------------------------------------------------------------------------------
 
 
-def cpu_ticks(pid: int) -> int | None:
-    """utime + stime of a process (all its threads), in clock ticks; None if it is gone."""
+def _stat(path: Path) -> tuple[str, list[str]] | None:
+    """(name, the fields after it) of a /proc stat file; None if the process or thread is gone."""
     try:
-        data = Path(f"/proc/{pid}/stat").read_text()
+        data = path.read_text()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return data[data.index("(") + 1 : data.rindex(")")], data[data.rindex(")") + 2 :].split()
 
 
-from app.security import HASH_THREAD_NAME  # noqa: E402  (the OS name of the threads that hash)
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process (all its threads), in clock ticks; None if it is gone."""
+    stat = _stat(Path(f"/proc/{pid}/stat"))
+    return None if stat is None else int(stat[1][11]) + int(stat[1][12])  # fields 14 and 15 of stat(5)
 
 
 def hash_thread_ticks(pid: int) -> dict[str, int]:
@@ -102,24 +106,16 @@ def hash_thread_ticks(pid: int) -> dict[str, int]:
     except OSError:
         return out
     for task in tasks:
-        try:
-            data = (task / "stat").read_text()
-        except OSError:
-            continue
-        name = data[data.index("(") + 1 : data.rindex(")")]
-        if name == HASH_THREAD_NAME:
-            fields = data[data.rindex(")") + 2 :].split()
-            out[task.name] = int(fields[11]) + int(fields[12])
+        stat = _stat(task / "stat")
+        if stat is not None and stat[0] == HASH_THREAD_NAME:
+            out[task.name] = int(stat[1][11]) + int(stat[1][12])
     return out
 
 
 def sys_ticks(pid: int) -> int | None:
     """stime alone (kernel time: syscalls, page faults), in clock ticks."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(data[data.rindex(")") + 2 :].split()[12])
+    stat = _stat(Path(f"/proc/{pid}/stat"))
+    return None if stat is None else int(stat[1][12])
 
 
 def machine_busy_ticks() -> int:

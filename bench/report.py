@@ -27,17 +27,23 @@ def _ts(stamp: str) -> float:
 STALL_PERIOD_S = 1  # the app's loop monitor logs the worst stall of every second
 
 
+def _inside(stamp: str, run: dict[str, Any]) -> bool:
+    """Whether the monitor period logged at `stamp` lies inside the run's window (the line's
+    time has whole seconds: a period ends within 1 s after it)."""
+    a, b, t = run.get("wall_start_utc"), run.get("wall_end_utc"), _ts(stamp)
+    return a is not None and b is not None and t - STALL_PERIOD_S >= a and t + 1 <= b
+
+
 def stall_for(run: dict[str, Any], stalls: list[tuple[str, float]]) -> float | None:
-    """Worst LOOP_MONITOR value among the periods lying inside the run's window (the line's
-    time has whole seconds: a period ends within 1 s after it); when the window holds no whole
-    period (very short windows), the periods overlapping it."""
+    """Worst LOOP_MONITOR value among the periods lying inside the run's window; when the window
+    holds no whole period (very short windows), the periods overlapping it."""
     a, b = run.get("wall_start_utc"), run.get("wall_end_utc")
     if a is None:
         return None
-    p = STALL_PERIOD_S
-    inside = [ms for stamp, ms in stalls if _ts(stamp) - p >= a and _ts(stamp) + 1 <= b]
+    inside = [ms for stamp, ms in stalls if _inside(stamp, run)]
     if inside:
         return max(inside)
+    p = STALL_PERIOD_S
     vals = [ms for stamp, ms in stalls if _ts(stamp) - p - 1 <= b and _ts(stamp) + 1 >= a]
     return max(vals) if vals else None
 
@@ -48,9 +54,7 @@ def _stalls_over(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     workers = int((results.get("meta") or {}).get("workers") or 2)
     by_second: dict[str, list[float]] = {}
     for stamp, ms in results.get("stalls", []):
-        t = _ts(stamp)
-        if any(r.get("wall_start_utc") and t - STALL_PERIOD_S >= r["wall_start_utc"] and t + 1 <= r["wall_end_utc"]
-               for r in runs):
+        if any(_inside(stamp, r) for r in runs):
             by_second.setdefault(stamp, []).append(ms)
     bad = {k: v for k, v in by_second.items() if max(v) > STALL_LIMIT_MS}
     if not bad:

@@ -291,6 +291,7 @@ def test_hash_concurrency_defaults_to_the_cores_shared_among_web_concurrency_wor
     monkeypatch.setenv("WEB_CONCURRENCY", "many")
     assert security.hash_slots(0) == 8
     assert security.hash_slots(3) == 3
+    assert security.hash_slots(0, workers=2) == 4  # the bench's --workers, whatever WEB_CONCURRENCY says
     with pytest.raises(SettingsError, match="HASH_CONCURRENCY"):
         Settings(hash_concurrency=-1)
 

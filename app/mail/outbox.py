@@ -187,7 +187,7 @@ async def purge_payloads(db: Database, *, now: datetime, sent_kept: bool = False
     expired mail lost its payload when it was marked, so only mail still queued or being
     sent is looked at: a range on the (status, next_attempt_at) index, however many sent
     rows the table holds. With `sent_kept`, sent mail too: development keeps it for
-    /dev/mail (a small database), and `python -m app cleanup` looks for it on demand in any
+    /dev/mail (a small database), and `python -m app otp cleanup` looks for it on demand in any
     mode (it reads every sent row's index entry, so the periodic task leaves it out)."""
     n = await sql.execute(db, _PURGE_UNSENT, now=now)
     if sent_kept:

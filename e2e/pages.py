@@ -14,6 +14,7 @@ from playwright.sync_api import Locator, Page, expect
 from e2e.api import Customer
 
 STEP_TITLES = {"registration": "Confirm your email", "login": "Enter your sign-in code"}
+NEW_CODE_NOTICE = "A new code is on its way. Earlier codes no longer work."
 ERROR_PAGES = re.compile(r"^(Please start again|Too many attempts|Something went wrong on our side|"
                          r"We will be back in a moment|Page not found|Not allowed here)$")
 
@@ -156,7 +157,11 @@ class VerifyPage:
         return int(found.group(1))
 
     def resend(self) -> None:
+        """Ask for a new code and wait, as a person would, for the step that says it is coming.
+        The mail can land before the browser has swapped that step in; typing the new code
+        into the field being replaced loses it."""
         self.resend_button.click()
+        expect(self.page.get_by_text(NEW_CODE_NOTICE)).to_be_visible()
 
 
 class DashboardPage:

@@ -11,12 +11,11 @@ from playwright.sync_api import Page, Response, expect
 
 from e2e.api import COOLDOWN, Customer, ServerClock
 from e2e.mail import Mailbox, count, wait_for_code
-from e2e.pages import DashboardPage, LoginPage, RegisterPage, VerifyPage
+from e2e.pages import NEW_CODE_NOTICE, DashboardPage, LoginPage, RegisterPage, VerifyPage
 
 # Regular expressions see the text as it is (to_have_text does not squeeze it for them).
 LOCKED = re.compile(r"^\s*Too many wrong codes\.\s.*\sYou can try again after\s+(\d{2}:\d{2}) UTC\.\s*$", re.S)
 EXPIRED = re.compile(r"^\s*This code has expired\.\s+(Request a new one\.\s+)?Press “Resend code” for a new one\.\s*$")
-NEW_CODE_NOTICE = "A new code is on its way. Earlier codes no longer work."
 
 
 def wrong(code: str, n: int = 1) -> str:

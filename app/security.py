@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -10,13 +11,12 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any, TypeVar
 
-import anyio
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,7 +74,7 @@ def _check_password(stored: str | None, password: str) -> tuple[bool, bool]:
     return ok, ok
 
 
-_hashers: anyio.CapacityLimiter | None = None
+_pool: ThreadPoolExecutor | None = None
 _hash_slots = 0
 
 
@@ -96,20 +96,13 @@ def hash_slots(configured: int = 0, *, workers: int | None = None) -> int:
 
 
 def configure_hashing(configured: int) -> None:
-    global _hashers, _hash_slots
-    _hash_slots, _hashers = hash_slots(configured), None
+    global _pool, _hash_slots
+    _hash_slots = hash_slots(configured)
+    old, _pool = _pool, None
+    if old is not None:
+        old.shutdown(wait=False)  # a hash already running finishes; the next one uses the new pool
 
 
-def _hashing_slots() -> anyio.CapacityLimiter:
-    """Each Argon2 run takes 19 MiB and a core: more at once than the cores (of all workers)
-    only adds memory, cache misses and event-loop stalls."""
-    global _hashers
-    if _hashers is None:
-        _hashers = anyio.CapacityLimiter(_hash_slots or hash_slots())
-    return _hashers
-
-
-_yielding = threading.local()
 # The niceness of the threads that hash (Linux: threads are tasks). At 19 a hash takes only
 # what the event loops, the database and everything else at 0 leave: a sign-in waits a little
 # longer for its hash, while every other request of every customer stops waiting on hashes.
@@ -119,11 +112,8 @@ HASH_THREAD_NICE = 19
 HASH_THREAD_NAME = "argon2-hash"
 
 
-def _yield_to_event_loop() -> None:
-    """Lower this worker thread's scheduling priority to HASH_THREAD_NICE, and name it."""
-    if getattr(_yielding, "done", False):
-        return
-    _yielding.done = True
+def _hashing_thread_started() -> None:
+    """Lower this thread's scheduling priority to HASH_THREAD_NICE, and name it for the OS."""
     tid = threading.get_native_id()
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, tid, HASH_THREAD_NICE)
@@ -131,19 +121,30 @@ def _yield_to_event_loop() -> None:
         comm.write(HASH_THREAD_NAME)
 
 
-def _low_priority(fn: Callable[..., T], *args: Any) -> T:
-    _yield_to_event_loop()
-    return fn(*args)
+def _hashing_pool() -> ThreadPoolExecutor:
+    """Threads of their own that only ever hash: as many as the slots (each Argon2 run takes
+    19 MiB and a core: more at once than the cores of all workers only adds memory, cache
+    misses and event-loop stalls), and nothing else runs on them, so what they use is what
+    Argon2 costs (the bench reads it per thread)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=_hash_slots or hash_slots(), thread_name_prefix=HASH_THREAD_NAME,
+                                   initializer=_hashing_thread_started)
+    return _pool
+
+
+async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_hashing_pool(), fn, *args)
 
 
 async def check_password(stored: str | None, password: str) -> tuple[bool, bool]:
     """Verify off the event loop. Returns (matches, needs rehash to Argon2id)."""
-    return await anyio.to_thread.run_sync(_low_priority, _check_password, stored, password, limiter=_hashing_slots())
+    return await _off_loop(_check_password, stored, password)
 
 
 async def hash_password(password: str) -> str:
     """Argon2id hash, computed off the event loop."""
-    return await anyio.to_thread.run_sync(_low_priority, ARGON2.hash, password, limiter=_hashing_slots())
+    return await _off_loop(ARGON2.hash, password)
 
 
 # --- keys and tokens ---------------------------------------------------------------------
@@ -268,36 +269,59 @@ CSP = (
 )
 
 
+_HEADERS = (
+    ("Content-Security-Policy", CSP),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=(), interest-cohort=()"),
+)
+_PAGE_HEADERS = (("Cache-Control", "no-store"),)
+_HSTS = (("Strict-Transport-Security", "max-age=63072000; includeSubDomains"),)
+
+
+def _raw(headers: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+
+
 class SecurityHeadersMiddleware:
-    """Adds the security headers to every response, errors and fragments included."""
+    """Adds the security headers to every response, errors and fragments included. A header
+    the response set itself is kept. Every response passes here: the raw header list is
+    scanned once, not once per header."""
 
     def __init__(self, app: ASGIApp, *, production: bool) -> None:
         self.app = app
         self.production = production
+        hsts = _HSTS if production else ()
+        self.for_static = _raw(_HEADERS + hsts)
+        self.for_pages = _raw(_HEADERS + _PAGE_HEADERS + hsts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         static = scope["path"].startswith("/static/")
+        wanted = self.for_static if static else self.for_pages
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers.setdefault("Content-Security-Policy", CSP)
-                headers.setdefault("X-Content-Type-Options", "nosniff")
-                headers.setdefault("Referrer-Policy", "same-origin")
-                headers.setdefault("X-Frame-Options", "DENY")
-                headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
-                headers.setdefault(
-                    "Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=(), interest-cohort=()"
-                )
+                headers = list(message.get("headers", ()))
+                present = {bytes(k).lower() for k, _ in headers}
+                headers.extend(pair for pair in wanted if pair[0] not in present)
                 if not static:
-                    headers.setdefault("Cache-Control", "no-store")
-                    headers.add_vary_header("HX-Request")
-                if self.production:
-                    headers.setdefault("Strict-Transport-Security", "max-age=63072000; includeSubDomains")
+                    _add_vary(headers, b"HX-Request")
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
+
+def _add_vary(headers: list[tuple[bytes, bytes]], name: bytes) -> None:
+    """As Starlette's add_vary_header: appended to an existing Vary, else a Vary of its own."""
+    for i, (key, value) in enumerate(headers):
+        if bytes(key).lower() == b"vary":
+            headers[i] = (b"vary", bytes(value) + b", " + name)
+            headers[i + 1:] = [h for h in headers[i + 1:] if bytes(h[0]).lower() != b"vary"]
+            return
+    headers.append((b"vary", name))

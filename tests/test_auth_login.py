@@ -268,7 +268,7 @@ async def test_hash_concurrency_setting_reaches_the_hashing(settings: Settings) 
 
     try:
         create_app(replace(settings, hash_concurrency=3))
-        assert security._hashing_slots().total_tokens == 3
+        assert security._hashing_pool()._max_workers == 3
     finally:
         security.configure_hashing(0)
 
@@ -305,3 +305,26 @@ async def test_hashing_threads_are_named_for_the_os() -> None:
     await security.check_password(None, PASSWORD)
     names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
     assert security.HASH_THREAD_NAME in names
+
+
+async def test_hashing_threads_run_nothing_but_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench counts what these threads use as Argon2's cost: other blocking work
+    (anyio's and Starlette's thread pool: static files, sync endpoints) runs elsewhere."""
+    import threading
+
+    import anyio
+
+    from app import security
+
+    where: list[str] = []
+    real = security._check_password
+
+    def noted(stored: str | None, password: str) -> tuple[bool, bool]:
+        where.append(threading.current_thread().name)
+        return real(stored, password)
+
+    monkeypatch.setattr(security, "_check_password", noted)
+    await security.check_password(None, PASSWORD)
+    other = await anyio.to_thread.run_sync(lambda: threading.current_thread().name)
+    assert where[0].startswith(security.HASH_THREAD_NAME)
+    assert not other.startswith(security.HASH_THREAD_NAME)

@@ -122,8 +122,12 @@ def _row(p: _Prepared, raw: Sequence[Any]) -> Any:
     return p.row(*raw)
 
 
-def _name(db: Database) -> str:
+def dialect(db: Database) -> str:
+    """"sqlite" or "mysql" (MariaDB included): for the few statements written per backend."""
     return "sqlite" if db.url.dialect == "sqlite" else "mysql"
+
+
+_name = dialect
 
 
 async def _run(db: Database, q: Query, params: dict[str, Any], fetch: int) -> tuple[list[Any], int, int]:

@@ -243,6 +243,63 @@ async def _login_code(server: Running, smtp: Capture, clock: FixedClock, nonce: 
     return customer_id, issued
 
 
+async def _open(svc: object, challenge_id: int) -> bool:
+    row = await svc.db.fetch_one(  # type: ignore[attr-defined]
+        sa.select(otp_verification.c.used_at, otp_verification.c.invalidated_at)
+        .where(otp_verification.c.id == challenge_id))
+    return row.used_at is None and row.invalidated_at is None
+
+
+@pytest.mark.parametrize("path", ["use_code", "verify"])
+async def test_a_right_code_ends_every_other_open_code_of_the_customer_and_only_theirs(
+    server: Running, smtp: Capture, clock: FixedClock, path: str
+) -> None:
+    """MariaDB does this in one multi-table UPDATE, SQLite in two statements: same outcome."""
+    from app.auth import queries
+
+    svc = server.services
+    customer_id, issued = await _login_code(server, smtp, clock, "n")
+    decoy = await engine.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
+                                  purpose=Purpose.REGISTRATION, nonce="d", sent_to="x", kind=engine.DECOY)
+    other = await queries.create_customer(svc.db, username="otto", email="otto@example.com", full_name="Otto",
+                                          password_hash="x", now=clock.now())
+    others_code = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=other,
+                                     purpose=Purpose.LOGIN, nonce="o", sent_to="x")
+    await svc.db.execute(customers.update().where(customers.c.id == customer_id).values(otp_attempts=3))
+    if path == "use_code":
+        assert await engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                     challenge_id=issued.challenge_id, nonce="n", customer_id=customer_id,
+                                     code=issued.code)
+    else:
+        ch = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id, nonce="n")
+        assert ch is not None
+        verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=ch,
+                                      code=issued.code)
+        assert verdict.status == "verified"
+    assert not await _open(svc, decoy)
+    assert await _open(svc, others_code.challenge_id)
+    used = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == issued.challenge_id))
+    assert used.used_at is not None and used.invalidated_at is None
+    attempts = await svc.db.fetch_val(sa.select(customers.c.otp_attempts).where(customers.c.id == customer_id))
+    assert attempts == 0
+
+
+async def test_a_new_code_ends_the_open_ones_and_a_refused_one_ends_none(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    svc = server.services
+    customer_id, first = await _login_code(server, smtp, clock, "n1")
+    issue = {"keys": svc.keys, "policy": svc.policy, "customer_id": customer_id, "purpose": Purpose.LOGIN,
+             "sent_to": "x"}
+    clock.advance(30)
+    with pytest.raises(engine.Cooldown):
+        await engine.issue(svc.db, now=clock.now(), nonce="n2", **issue)
+    assert await _open(svc, first.challenge_id)  # inside the cooldown nothing changed
+    clock.advance(31)
+    second = await engine.issue(svc.db, now=clock.now(), nonce="n3", **issue)
+    assert not await _open(svc, first.challenge_id) and await _open(svc, second.challenge_id)
+
+
 async def test_sign_in_fast_path_refuses_a_right_code_while_the_customer_is_locked(
     server: Running, smtp: Capture, clock: FixedClock
 ) -> None:

@@ -154,6 +154,25 @@ _INVALIDATE_OPEN = sql.Query(
     .where(o.c.customer_id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
     .values(invalidated_at=sa.bindparam("now"))
 )
+
+
+def _ending_open_codes(*where: Any, values: dict[Any, Any]) -> sql.Query:
+    """MySQL/MariaDB: an UPDATE of the customer row that also ends the customer's open codes,
+    one statement instead of two (a multi-table UPDATE: the customer row, then their codes,
+    the order the two statements lock them in; nothing changes when the customer row does
+    not match). SQLite runs the two statements."""
+    open_codes = sa.and_(o.c.customer_id == c.c.id, o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    return sql.Query(
+        sa.update(c.outerjoin(o, open_codes)).where(*where)
+        .values({**values, o.c.invalidated_at: sa.bindparam("now")})
+    )
+
+
+_TAKE_COOLDOWN_ENDING_OPEN = _ending_open_codes(
+    c.c.id == sa.bindparam("cid"),
+    sa.or_(c.c.otp_last_sent_at.is_(None), c.c.otp_last_sent_at <= sa.bindparam("threshold")),
+    values={c.c.otp_last_sent_at: sa.bindparam("now")},
+)
 _INSERT = sql.Query(
     o.insert(),
     columns=("id", "customer_id", "purpose", "code_hash", "session_binding", "kind", "sent_to", "attempts",
@@ -184,9 +203,12 @@ async def issue(
     exactly when its mail does.
     """
     threshold = now - timedelta(seconds=policy.resend_cooldown)
-    if not await sql.execute(db, _TAKE_COOLDOWN, cid=customer_id, threshold=threshold, now=now):
+    one_statement = sql.dialect(db) == "mysql"
+    if not await sql.execute(db, _TAKE_COOLDOWN_ENDING_OPEN if one_statement else _TAKE_COOLDOWN, cid=customer_id,
+                             threshold=threshold, now=now):
         raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
-    await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
+    if not one_statement:
+        await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
     code = generate_code()
     challenge_id = new_challenge_id()
     expires_at = now + timedelta(seconds=policy.ttl(purpose))
@@ -349,11 +371,10 @@ _COUNT = sql.Query(
     .values(attempts=o.c.attempts + 1)
 )
 _STATE = sql.Query(sa.select(o.c.attempts, o.c.used_at, o.c.invalidated_at).where(o.c.id == sa.bindparam("cid")))
-_SUCCEEDED = sql.Query(
-    c.update()
-    .where(c.c.id == sa.bindparam("cid"))
-    .values(otp_attempts=0, otp_lockouts=0, otp_locked_until=None, last_otp_attempt=sa.bindparam("now"))
-)
+_RESET: dict[Any, Any] = {c.c.otp_attempts: 0, c.c.otp_lockouts: 0, c.c.otp_locked_until: None,
+                           c.c.last_otp_attempt: sa.bindparam("now")}
+_SUCCEEDED = sql.Query(c.update().where(c.c.id == sa.bindparam("cid")).values(_RESET))
+_SUCCEEDED_ENDING_OPEN = _ending_open_codes(c.c.id == sa.bindparam("cid"), values=_RESET)
 
 
 # A right code on the sign-in path, checked and used by one guarded UPDATE: bound to this
@@ -391,8 +412,11 @@ async def use_code(
 
 
 async def _succeeded(db: Database, customer_id: int, now: datetime) -> None:
+    """Failures reset; every other open code (and the pending steps that hold them) ends here."""
+    if sql.dialect(db) == "mysql":
+        await sql.execute(db, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now)
+        return
     await sql.execute(db, _SUCCEEDED, cid=customer_id, now=now)
-    # Every other open code (and the pending steps that hold them) ends here.
     await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
 
 

@@ -167,7 +167,8 @@ class ErrorPageMiddleware:
 
 async def loop_monitor(interval: float = 0.005, period: float = 1.0) -> None:
     """Bench aid (LOOP_MONITOR=1): logs the longest event-loop stall of every second, so a
-    stall can be placed in time (a start-up stall is not one under load).
+    stall can be placed in time (a start-up stall is not one under load), and beside it the
+    longest garbage collection of that second (a stall that long was the collector's).
 
     A plain timer callback re-armed every `interval`: how late each one runs is how long the
     loop was busy. No task or future per tick (an asyncio.sleep loop cost the bench 0.6 ms
@@ -176,23 +177,33 @@ async def loop_monitor(interval: float = 0.005, period: float = 1.0) -> None:
     # Measured on the real clock: uvloop's loop.time() is the cached start of the iteration.
     since = time.monotonic()
     due, worst = since + interval, 0.0
+    gc_started, gc_worst = 0.0, 0.0
     handle: asyncio.TimerHandle | None = None
 
     def tick() -> None:
-        nonlocal handle, since, due, worst
+        nonlocal handle, since, due, worst, gc_worst
         now = time.monotonic()
         worst = max(worst, now - due)
         if now - since >= period:
-            log.warning("loop-monitor max_stall_ms=%.1f", worst * 1000)
-            worst, since = 0.0, now
+            log.warning("loop-monitor max_stall_ms=%.1f gc_max_ms=%.1f", worst * 1000, gc_worst * 1000)
+            worst, gc_worst, since = 0.0, 0.0, now
         due = now + interval
         handle = loop.call_later(interval, tick)
 
+    def collected(phase: str, info: dict[str, int]) -> None:
+        nonlocal gc_started, gc_worst
+        if phase == "start":
+            gc_started = time.monotonic()
+        else:
+            gc_worst = max(gc_worst, time.monotonic() - gc_started)
+
     handle = loop.call_later(interval, tick)
+    gc.callbacks.append(collected)
     try:
         await loop.create_future()  # until cancelled
     finally:
         handle.cancel()
+        gc.callbacks.remove(collected)
 
 
 def create_app(settings: Settings | None = None, *, transport: Transport | None = None,

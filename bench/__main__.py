@@ -232,10 +232,7 @@ class Bench:
 
         # One more loop-monitor period so the last run's stalls are written.
         time.sleep(1.5)
-        R["stalls"] = R.pop("stalls_before_scale", []) + self.server.stalls()
-        R["server_errors"] = R.pop("server_errors_before_scale", []) + self.server.errors()
-        R["worker_vmhwm_kb_final"] = {**R.get("worker_vmhwm_kb_final", {}),
-                                      **{str(p): status_field(p, "VmHWM") for p in self.server.worker_pids}}
+        self.keep_server_logs()
         self.server.stop()
         if R.get("scale") and R["scale"].get("load"):
             log("EXPLAIN of the sign-in path against the loaded database")
@@ -251,6 +248,17 @@ class Bench:
         R["meta"]["total_s"] = time.monotonic() - t_all
         return R
 
+    def keep_server_logs(self) -> None:
+        """Before the server is stopped (each start writes new logs): its loop-monitor lines
+        (stalls, GC pauses), errors and the workers' peak RSS."""
+        assert self.server is not None
+        R = self.results
+        R.setdefault("stalls", []).extend(self.server.stalls())
+        R.setdefault("gc_pauses", []).extend(self.server.gc_pauses())
+        R.setdefault("server_errors", []).extend(self.server.errors())
+        R.setdefault("worker_vmhwm_kb_final", {}).update(
+            {str(p): status_field(p, "VmHWM") for p in self.server.worker_pids})
+
     def scale_step(self, stored: str, out: dict[str, Any]) -> None:
         """Empty-ish database vs 1 M customers / 5 M codes, same load. The server is stopped for
         the bulk load (its periodic cleanup, 300 s after start, would otherwise scan the table
@@ -258,18 +266,14 @@ class Bench:
         a = self.args
         assert self.server is not None
         out.update({"customers": a.scale_customers, "codes": a.scale_codes, "concurrency": a.scale_concurrency})
-        self.results["stalls_before_scale"] = self.server.stalls()
-        self.results["server_errors_before_scale"] = self.server.errors()
-        self.results["worker_vmhwm_kb_final"] = {str(p): status_field(p, "VmHWM") for p in self.server.worker_pids}
+        self.keep_server_logs()
         self.server.stop()
         self.restart("scale-empty", out)
         log(f"scale: code step at C={a.scale_concurrency} on the small database")
         out["empty_db"] = dbtools.table_sizes(self.conn, self.db)
         out["empty"] = self.load_run(f"scale-empty-C{a.scale_concurrency}", a.scale_concurrency, 0.0,
                                      duration=a.scale_duration)
-        self.results["stalls_before_scale"] += self.server.stalls()
-        self.results["server_errors_before_scale"] += self.server.errors()
-        self.results["worker_vmhwm_kb_final"].update({str(p): status_field(p, "VmHWM") for p in self.server.worker_pids})
+        self.keep_server_logs()
         self.server.stop()
         log(f"scale: loading to {a.scale_customers} customers and +{a.scale_codes} code rows (LOAD DATA LOCAL INFILE)")
         t = time.monotonic()

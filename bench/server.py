@@ -22,6 +22,7 @@ APP_VARS = (
     "HASH_CONCURRENCY", "WEB_CONCURRENCY",
 )
 STALL_RE = re.compile(r"^(\S+)Z WARNING app loop-monitor max_stall_ms=([\d.]+)")
+GC_RE = re.compile(r"^(\S+)Z WARNING app loop-monitor .*\bgc_max_ms=([\d.]+)")
 
 
 def app_env(settings: dict[str, str]) -> dict[str, str]:
@@ -85,9 +86,16 @@ class Uvicorn:
 
     def stalls(self) -> list[tuple[str, float]]:
         """(UTC time, max stall ms) of every LOOP_MONITOR line the workers wrote."""
+        return self._monitor(STALL_RE)
+
+    def gc_pauses(self) -> list[tuple[str, float]]:
+        """(UTC time, longest garbage collection ms) of the same lines."""
+        return self._monitor(GC_RE)
+
+    def _monitor(self, pattern: re.Pattern[str]) -> list[tuple[str, float]]:
         out = []
         for line in self.stderr_path.read_text(errors="replace").splitlines():
-            m = STALL_RE.match(line)
+            m = pattern.match(line)
             if m:
                 out.append((m.group(1), float(m.group(2))))
         return out

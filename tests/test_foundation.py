@@ -352,16 +352,27 @@ async def test_startup_compiles_every_statement_and_template_before_the_first_re
 
 
 async def test_loop_monitor_reports_a_stall_in_the_period_it_happened(caplog: pytest.LogCaptureFixture) -> None:
+    import gc
+
     from app.main import loop_monitor
 
     task = asyncio.create_task(loop_monitor(interval=0.005, period=0.2))
     await asyncio.sleep(0.25)
     time.sleep(0.06)  # blocks the event loop
-    await asyncio.sleep(0.45)
+    await asyncio.sleep(0.25)
+    garbage = [[i] for i in range(300_000)]  # a full collection that takes a while
+    gc.collect()
+    del garbage
+    await asyncio.sleep(0.25)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    stalls = [float(r.getMessage().split("=")[1]) for r in caplog.records if "max_stall_ms=" in r.getMessage()]
-    assert len(stalls) >= 3
+    lines = [dict(kv.split("=") for kv in r.getMessage().split()[1:]) for r in caplog.records
+             if r.getMessage().startswith("loop-monitor ")]
+    stalls = [float(v["max_stall_ms"]) for v in lines]
+    gcs = [float(v["gc_max_ms"]) for v in lines]
+    assert len(stalls) >= 4
     assert max(stalls) >= 50
     assert min(stalls) < 50  # periods are separate: the others do not carry the stall
+    assert max(gcs) > 2 and min(gcs) < max(gcs) / 2  # the collection shows in its own period only
+    assert gc.callbacks == [cb for cb in gc.callbacks if "loop_monitor" not in getattr(cb, "__qualname__", "")]

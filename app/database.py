@@ -61,17 +61,26 @@ def is_deadlock(exc: BaseException) -> bool:
     return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and exc.args[0] in DEADLOCK_CODES
 
 
-async def transact(db: Database, work: Callable[[], Awaitable[T]], *, tries: int = 3) -> T:
-    """Run `work` in a transaction, again after a deadlock (each try starts afresh)."""
+async def retrying(work: Callable[[], Awaitable[T]], *, tries: int = 3) -> T:
+    """Run `work` again after a deadlock or lock-wait timeout (each try starts afresh)."""
     for attempt in range(tries):
         try:
-            async with db.transaction():
-                return await work()
+            return await work()
         except Exception as exc:
             if attempt == tries - 1 or not is_deadlock(exc):
                 raise
             await asyncio.sleep(0.005 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+async def transact(db: Database, work: Callable[[], Awaitable[T]], *, tries: int = 3) -> T:
+    """Run `work` in a transaction, again after a deadlock (each try starts afresh)."""
+
+    async def once() -> T:
+        async with db.transaction():
+            return await work()
+
+    return await retrying(once, tries=tries)
 
 
 async def ping(db: Database) -> bool:

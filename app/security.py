@@ -75,6 +75,7 @@ def _check_password(stored: str | None, password: str) -> tuple[bool, bool]:
 
 
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 _hash_slots = 0
 
 
@@ -96,11 +97,14 @@ def hash_slots(configured: int = 0, *, workers: int | None = None) -> int:
 
 
 def configure_hashing(configured: int) -> None:
+    """Set the slots (create_app does, from HASH_CONCURRENCY). A pool made before is retired:
+    what it was already given still runs, so for a moment both pools may hash."""
     global _pool, _hash_slots
-    _hash_slots = hash_slots(configured)
-    old, _pool = _pool, None
+    with _pool_lock:
+        _hash_slots = hash_slots(configured)
+        old, _pool = _pool, None
     if old is not None:
-        old.shutdown(wait=False)  # a hash already running finishes; the next one uses the new pool
+        old.shutdown(wait=False)
 
 
 # The niceness of the threads that hash (Linux: threads are tasks). At 19 a hash takes only
@@ -127,10 +131,11 @@ def _hashing_pool() -> ThreadPoolExecutor:
     misses and event-loop stalls), and nothing else runs on them, so what they use is what
     Argon2 costs (the bench reads it per thread)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_hash_slots or hash_slots(), thread_name_prefix=HASH_THREAD_NAME,
-                                   initializer=_hashing_thread_started)
-    return _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_hash_slots or hash_slots(), thread_name_prefix=HASH_THREAD_NAME,
+                                       initializer=_hashing_thread_started)
+        return _pool
 
 
 async def _off_loop(fn: Callable[..., T], *args: Any) -> T:
@@ -318,10 +323,14 @@ class SecurityHeadersMiddleware:
 
 
 def _add_vary(headers: list[tuple[bytes, bytes]], name: bytes) -> None:
-    """As Starlette's add_vary_header: appended to an existing Vary, else a Vary of its own."""
-    for i, (key, value) in enumerate(headers):
+    """`name` added to the response's Vary (all its Vary headers merged into one), once."""
+    values: list[bytes] = []
+    kept = []
+    for key, value in headers:
         if bytes(key).lower() == b"vary":
-            headers[i] = (b"vary", bytes(value) + b", " + name)
-            headers[i + 1:] = [h for h in headers[i + 1:] if bytes(h[0]).lower() != b"vary"]
-            return
-    headers.append((b"vary", name))
+            values += [v.strip() for v in bytes(value).split(b",") if v.strip()]
+        else:
+            kept.append((key, value))
+    if name.lower() not in {v.lower() for v in values}:
+        values.append(name)
+    headers[:] = [*kept, (b"vary", b", ".join(values))]

@@ -311,20 +311,24 @@ async def test_hashing_threads_run_nothing_but_hashing(monkeypatch: pytest.Monke
     """The bench counts what these threads use as Argon2's cost: other blocking work
     (anyio's and Starlette's thread pool: static files, sync endpoints) runs elsewhere."""
     import threading
+    from pathlib import Path
 
     import anyio
 
     from app import security
 
+    def os_name() -> str:
+        return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
     where: list[str] = []
     real = security._check_password
 
     def noted(stored: str | None, password: str) -> tuple[bool, bool]:
-        where.append(threading.current_thread().name)
+        where.append(os_name())
         return real(stored, password)
 
     monkeypatch.setattr(security, "_check_password", noted)
     await security.check_password(None, PASSWORD)
-    other = await anyio.to_thread.run_sync(lambda: threading.current_thread().name)
-    assert where[0].startswith(security.HASH_THREAD_NAME)
-    assert not other.startswith(security.HASH_THREAD_NAME)
+    others = [await anyio.to_thread.run_sync(os_name) for _ in range(3)]
+    assert where == [security.HASH_THREAD_NAME]
+    assert security.HASH_THREAD_NAME not in others

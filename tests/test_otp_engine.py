@@ -261,6 +261,9 @@ async def test_a_right_code_ends_every_other_open_code_of_the_customer_and_only_
     customer_id, issued = await _login_code(server, smtp, clock, "n")
     decoy = await engine.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
                                   purpose=Purpose.REGISTRATION, nonce="d", sent_to="x", kind=engine.DECOY)
+    placeholder = await engine.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                        customer_id=customer_id, purpose=Purpose.LOGIN, nonce="p", sent_to="x",
+                                        kind=engine.PLACEHOLDER)
     other = await queries.create_customer(svc.db, username="otto", email="otto@example.com", full_name="Otto",
                                           password_hash="x", now=clock.now())
     others_code = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=other,
@@ -276,12 +279,38 @@ async def test_a_right_code_ends_every_other_open_code_of_the_customer_and_only_
         verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=ch,
                                       code=issued.code)
         assert verdict.status == "verified"
-    assert not await _open(svc, decoy)
+    assert not await _open(svc, decoy) and not await _open(svc, placeholder)
     assert await _open(svc, others_code.challenge_id)
     used = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == issued.challenge_id))
     assert used.used_at is not None and used.invalidated_at is None
     attempts = await svc.db.fetch_val(sa.select(customers.c.otp_attempts).where(customers.c.id == customer_id))
     assert attempts == 0
+
+
+async def test_sign_out_everywhere_and_a_right_code_at_once_never_deadlock(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """Both lock the customer row and the customer's codes: always the customer row first,
+    so neither waits on the other the other way round (MariaDB would abort one: a 503)."""
+    from app.auth import queries
+
+    svc = server.services
+    customer_id, _ = await _login_code(server, smtp, clock, "n")
+    for round_ in range(25):
+        clock.advance(61)
+        issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                    customer_id=customer_id, purpose=Purpose.LOGIN, nonce=f"r{round_}", sent_to="x")
+        # A decoy and a placeholder as well: more open rows for both to lock.
+        for kind in (engine.DECOY, engine.PLACEHOLDER):
+            await engine.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
+                                  purpose=Purpose.LOGIN, nonce=f"{kind}{round_}", sent_to="x", kind=kind)
+
+        right_code = engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                     challenge_id=issued.challenge_id, nonce=f"r{round_}", customer_id=customer_id,
+                                     code=issued.code)
+        results = await asyncio.gather(right_code, queries.revoke_all(svc.db, customer_id, clock.now()),
+                                       return_exceptions=True)
+        assert not any(isinstance(r, BaseException) for r in results), results
 
 
 async def test_a_new_code_ends_the_open_ones_and_a_refused_one_ends_none(

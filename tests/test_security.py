@@ -242,6 +242,37 @@ async def test_security_headers_on_pages_fragments_and_errors(client: httpx.Asyn
     assert responses[1].status_code == 404 and "Page not found" in responses[1].text
 
 
+async def test_security_headers_keep_what_a_response_set_and_never_repeat_one() -> None:
+    from starlette.types import Message, Receive, Scope, Send
+
+    from app.security import SecurityHeadersMiddleware
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"Cache-Control", b"max-age=60"), (b"vary", b"Accept-Encoding"), (b"Vary", b"hx-request, Cookie"),
+            (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    app = SecurityHeadersMiddleware(inner, production=True)
+    await app({"type": "http", "path": "/login", "method": "GET", "headers": []}, receive, send)
+    headers = [(bytes(k).lower(), bytes(v)) for k, v in sent[0]["headers"]]
+    names = [k for k, _ in headers]
+    assert len(names) == len(set(names)), names  # every header once
+    got = dict(headers)
+    assert got[b"cache-control"] == b"max-age=60"  # the response's own value is kept
+    assert got[b"vary"] == b"Accept-Encoding, hx-request, Cookie"  # merged, HX-Request not added twice
+    assert got[b"strict-transport-security"].startswith(b"max-age=63072000")
+    assert b"frame-ancestors 'none'" in got[b"content-security-policy"]
+
+
 async def test_pages_have_no_inline_scripts_styles_or_handlers(client: httpx.AsyncClient) -> None:
     for path in ("/", "/login", "/register"):
         html = (await client.get(path)).text

@@ -214,7 +214,15 @@ async def revoke_session(db: Database, session_hash: str, customer_id: int, now:
     return bool(await sql.execute(db, _REVOKE, sid=session_hash, cid=customer_id, now=now))
 
 
+# Customer row first: every statement or transaction that locks a customer row and their
+# code rows takes the customer row first (app/otp/engine.py), so none waits on another the
+# other way round (a deadlock).
 _REVOKE_ALL = (
+    sql.Query(
+        customers.update()
+        .where(customers.c.id == sa.bindparam("cid"))
+        .values(session_version=customers.c.session_version + 1)
+    ),
     sql.Query(
         otp_verification.update()
         .where(otp_verification.c.customer_id == sa.bindparam("cid"), otp_verification.c.used_at.is_(None),
@@ -225,11 +233,6 @@ _REVOKE_ALL = (
         auth_sessions.update()
         .where(auth_sessions.c.customer_id == sa.bindparam("cid"), auth_sessions.c.revoked_at.is_(None))
         .values(revoked_at=sa.bindparam("now"))
-    ),
-    sql.Query(
-        customers.update()
-        .where(customers.c.id == sa.bindparam("cid"))
-        .values(session_version=customers.c.session_version + 1)
     ),
 )
 

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from databases import Database
 
 from app import sql
+from app.database import retrying
 from app.security import keyed_hash
 from app.settings import Settings
 from app.tables import customers, mail_outbox, otp_verification
@@ -159,8 +160,8 @@ _INVALIDATE_OPEN = sql.Query(
 def _ending_open_codes(*where: Any, values: dict[Any, Any]) -> sql.Query:
     """MySQL/MariaDB: an UPDATE of the customer row that also ends the customer's open codes,
     one statement instead of two (a multi-table UPDATE: the customer row, then their codes,
-    the order the two statements lock them in; nothing changes when the customer row does
-    not match). SQLite runs the two statements."""
+    the order everything that locks both takes them in; nothing changes when the customer row
+    does not match). SQLite runs the two statements."""
     open_codes = sa.and_(o.c.customer_id == c.c.id, o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
     return sql.Query(
         sa.update(c.outerjoin(o, open_codes)).where(*where)
@@ -412,12 +413,18 @@ async def use_code(
 
 
 async def _succeeded(db: Database, customer_id: int, now: datetime) -> None:
-    """Failures reset; every other open code (and the pending steps that hold them) ends here."""
-    if sql.dialect(db) == "mysql":
-        await sql.execute(db, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now)
-        return
-    await sql.execute(db, _SUCCEEDED, cid=customer_id, now=now)
-    await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
+    """Failures reset; every other open code (and the pending steps that hold them) ends here.
+    The code is used already: a deadlock here is tried again (doing this twice is harmless),
+    never answered as an outage."""
+
+    async def once() -> None:
+        if sql.dialect(db) == "mysql":
+            await sql.execute(db, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now)
+            return
+        await sql.execute(db, _SUCCEEDED, cid=customer_id, now=now)
+        await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
+
+    await retrying(once)
 
 
 async def verify(

@@ -255,6 +255,7 @@ class Bench:
         R = self.results
         R.setdefault("stalls", []).extend(self.server.stalls())
         R.setdefault("gc_pauses", []).extend(self.server.gc_pauses())
+        R.setdefault("steal", []).extend(self.server.steal())
         R.setdefault("server_errors", []).extend(self.server.errors())
         R.setdefault("worker_vmhwm_kb_final", {}).update(
             {str(p): status_field(p, "VmHWM") for p in self.server.worker_pids})

@@ -118,12 +118,20 @@ def sys_ticks(pid: int) -> int | None:
     return None if stat is None else int(stat[1][12])
 
 
-def machine_busy_ticks() -> int:
-    """Busy CPU ticks of the whole machine (all cores) from /proc/stat."""
+def _cpu_line() -> list[int]:
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return user + nice + system + irq + softirq + steal
+        return ([int(x) for x in f.readline().split()[1:]] + [0] * 8)[:8]
+
+
+def machine_busy_ticks() -> int:
+    """Busy CPU ticks of the whole machine (all cores) from /proc/stat (steal not included)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = _cpu_line()
+    return user + nice + system + irq + softirq
+
+
+def machine_steal_ticks() -> int:
+    """Ticks the hypervisor ran something else while this machine's CPUs wanted to run."""
+    return _cpu_line()[7]
 
 
 def status_field(pid: int, name: str) -> int | None:

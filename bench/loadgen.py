@@ -36,6 +36,7 @@ from bench.common import (
     email,
     hash_thread_ticks,
     machine_busy_ticks,
+    machine_steal_ticks,
     status_field,
     summary,
     sys_ticks,
@@ -240,6 +241,7 @@ class Generator:
             "extra": {k: cpu_ticks(p) for k, p in extra.items()},
             "self": sum(os.times()[:2]),
             "machine": machine_busy_ticks(),
+            "steal": machine_steal_ticks(),
         }
 
     async def sampler(self) -> None:
@@ -335,6 +337,7 @@ class Generator:
             "generator_cpu_cores": gen_cpu_ms / 1000 / window if window > 0 else None,
             "machine_busy_cores": machine_ms / 1000 / window if window > 0 else None,
             "other_processes_cores": others_ms / 1000 / window if window > 0 else None,
+            "vm_steal_ms": (after["steal"] - before["steal"]) * 1000 / CLK_TCK,
             "worker_threads_max": self.samples["threads_max"],
             "worker_rss_max_kb": self.samples["rss_max_kb"],
             "worker_vmhwm_kb": {str(p): status_field(p, "VmHWM") for p in self.cfg["app_pids"]},

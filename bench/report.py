@@ -60,8 +60,16 @@ def _stalls_over(results: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     if not bad:
         return ""
     together = sum(1 for v in bad.values() if len(v) >= workers and min(v) > STALL_LIMIT_MS)
-    return (f"; {len(bad)} of {len(by_second)} seconds inside the windows went over, {together} of them in "
+    stolen: dict[str, float] = {}
+    for stamp, ms in results.get("steal", []):
+        stolen[stamp] = max(stolen.get(stamp, 0.0), ms)
+    text = (f"; {len(bad)} of {len(by_second)} seconds inside the windows went over, {together} of them in "
             f"every worker at once")
+    if stolen:
+        hit = [f"{stolen[k]:.0f}" for k in sorted(bad) if stolen.get(k, 0) > 0]
+        text += (f", {len(hit)} of them in a second when the hypervisor took CPU from the machine"
+                 + (f" ({', '.join(hit)} ms of steal)" if hit else ""))
+    return text
 
 
 def bound_of(hb: dict[str, Any]) -> float:
@@ -213,9 +221,9 @@ def markdown(results: dict[str, Any]) -> str:
     L += ["## Throughput and CPU", "",
           "| run | C | mail held | flows/s | ÷ bound | app CPU ms/flow | Argon2 ms/flow (hashing threads) | "
           "outside Argon2 ms | hash share | Argon2 under load ÷ idle | outside, idle-cost estimate ms | "
-          "app kernel share | DB CPU ms/flow | load-gen cores | other procs cores | errors | max stall ms (longest GC) | "
+          "app kernel share | DB CPU ms/flow | load-gen cores | other procs cores | VM steal ms | errors | max stall ms (longest GC) | "
           "threads/worker | worker peak RSS MB (master / workers) |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         rss = " / ".join(_f(v, 0) for v in r.get("worker_peak_rss_mb", {}).values())
         threads = max((r.get("worker_threads_max") or {"x": 0}).values())
@@ -224,7 +232,7 @@ def markdown(results: dict[str, Any]) -> str:
                  f"{_f(r['outside_argon2_ms_per_flow'])} | {_f(r['hash_share'], 2)} | {_f(r.get('argon2_load_factor'), 2)} | "
                  f"{_f(r.get('outside_argon2_idle_estimate_ms_per_flow'))} | {_f(r.get('app_kernel_share'), 2)} | {_f(r.get('db_cpu_ms_per_flow'))} | "
                  f"{_f(r.get('generator_cpu_cores'), 2)} | {_f(r.get('other_processes_cores'), 2)} | "
-                 f"{r['errors']} | {_f(r.get('max_stall_ms'))}"
+                 f"{_f(r.get('vm_steal_ms'), 0)} | {r['errors']} | {_f(r.get('max_stall_ms'))}"
                  + (f" (GC {_f(r['max_gc_ms'])})" if r.get("max_gc_ms") is not None else "")
                  + f" | {threads} | {rss} |")
     L += ["", "## Step latency, ms (p50 / p95 / p99)", "",

@@ -22,6 +22,7 @@ APP_VARS = (
     "HASH_CONCURRENCY", "WEB_CONCURRENCY",
 )
 STALL_RE = re.compile(r"^(\S+)Z WARNING app loop-monitor max_stall_ms=([\d.]+)")
+STEAL_RE = re.compile(r"^(\S+)Z WARNING app loop-monitor .*\bsteal_ms=([\d.]+)")
 GC_RE = re.compile(r"^(\S+)Z WARNING app loop-monitor .*\bgc_max_ms=([\d.]+)")
 
 
@@ -91,6 +92,10 @@ class Uvicorn:
     def gc_pauses(self) -> list[tuple[str, float]]:
         """(UTC time, longest garbage collection ms) of the same lines."""
         return self._monitor(GC_RE)
+
+    def steal(self) -> list[tuple[str, float]]:
+        """(UTC time, ms the hypervisor took from the machine in that second) of the same lines."""
+        return self._monitor(STEAL_RE)
 
     def _monitor(self, pattern: re.Pattern[str]) -> list[tuple[str, float]]:
         out = []

@@ -68,6 +68,9 @@ def test_stall_report_counts_only_seconds_inside_windows_and_flags_all_workers_a
     assert report.stall_for(run, stalls) == 40.0
     text = report._stalls_over({"meta": {"workers": 2}, "stalls": stalls}, [run])
     assert text == "; 2 of 3 seconds inside the windows went over, 1 of them in every worker at once"
+    steal = [(_stamp(start + 5), 0.0), (_stamp(start + 5), 0.0), (_stamp(start + 9), 30.0), (_stamp(start + 9), 30.0)]
+    text = report._stalls_over({"meta": {"workers": 2}, "stalls": stalls, "steal": steal}, [run])
+    assert text.endswith(", 1 of them in a second when the hypervisor took CPU from the machine (30 ms of steal)")
     assert report._stalls_over({"meta": {"workers": 2}, "stalls": stalls[6:]}, [run]) == ""
 
 

@@ -375,4 +375,5 @@ async def test_loop_monitor_reports_a_stall_in_the_period_it_happened(caplog: py
     assert max(stalls) >= 50
     assert min(stalls) < 50  # periods are separate: the others do not carry the stall
     assert max(gcs) > 2 and min(gcs) < max(gcs) / 2  # the collection shows in its own period only
+    assert all(float(v["steal_ms"]) >= 0 for v in lines)  # the hypervisor's share, on Linux
     assert gc.callbacks == [cb for cb in gc.callbacks if "loop_monitor" not in getattr(cb, "__qualname__", "")]

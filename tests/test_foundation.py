@@ -304,6 +304,41 @@ async def test_dashboard_shows_account_and_last_sign_ins(server: Running, smtp: 
         assert text in page, text
 
 
+async def test_dashboard_lists_come_in_one_query_newest_first_and_only_the_customers_own(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    from datetime import timedelta
+
+    from app import audit
+    from app.auth import queries
+
+    svc = server.services
+    async with server.client() as c:
+        await registered(c, smtp)
+    me = await svc.db.fetch_val(sa.select(customers.c.id))
+    other = await queries.create_customer(svc.db, username="otto", email="otto@example.com", full_name="Otto",
+                                          password_hash="x", now=clock.now())
+    start = clock.now()
+    for i in range(25):  # more than the 20 sessions and 5 sign-ins shown
+        at = start + timedelta(seconds=i)
+        await queries.create_session(svc.db, session_hash=f"s{i:02d}", customer_id=me, version=0, ip=f"198.18.0.{i}",
+                                     user_agent="ua", now=at)
+        await audit.record(svc.db, "signed_in", customer_id=me, ip=f"198.18.1.{i}", user_agent="ua", now=at)
+    await queries.create_session(svc.db, session_hash="theirs", customer_id=other, version=0, ip="203.0.113.9",
+                                 user_agent="ua", now=start + timedelta(seconds=99))
+    await audit.record(svc.db, "signed_in", customer_id=other, ip="203.0.113.9", user_agent="ua",
+                       now=start + timedelta(seconds=99))
+    await queries.revoke_session(svc.db, "s24", me, start)
+    active, sign_ins = await queries.dashboard_lists(svc.db, me, now=start + timedelta(seconds=30), idle=1800,
+                                                     absolute=43200)
+    assert [s.id for s in active] == [f"s{i:02d}" for i in range(23, 3, -1)]  # 20, newest use first, revoked gone
+    assert all(s.customer_id == me for s in active)
+    assert [e["ip"] for e in sign_ins] == [f"198.18.1.{i}" for i in range(24, 19, -1)]  # the last 5
+    idle, _ = await queries.dashboard_lists(svc.db, me, now=start + timedelta(seconds=1815), idle=1800,
+                                            absolute=43200)
+    assert [s.id for s in idle] == ["s23", "s22", "s21", "s20", "s19", "s18", "s17", "s16"]  # the rest idled out
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "status"),
     [

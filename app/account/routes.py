@@ -20,15 +20,11 @@ async def dashboard(request: Request) -> Response:
         return redirect(request, "/login")
     svc = services(request)
     current, customer = signed
-    ctx = {
-        "customer": customer,
-        "current_session": current.id,
-        "sign_ins": await queries.recent_sign_ins(svc.db, customer.id),
-        "active": await queries.active_sessions(
-            svc.db, customer.id, now=svc.clock.now(), idle=svc.settings.session_idle_timeout,
-            absolute=svc.settings.session_absolute_timeout,
-        ),
-    }
+    active, sign_ins = await queries.dashboard_lists(
+        svc.db, customer.id, now=svc.clock.now(), idle=svc.settings.session_idle_timeout,
+        absolute=svc.settings.session_absolute_timeout,
+    )
+    ctx = {"customer": customer, "current_session": current.id, "sign_ins": sign_ins, "active": active}
     return render(request, "account/dashboard.html", ctx)
 
 

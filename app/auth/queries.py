@@ -246,35 +246,45 @@ async def revoke_all(db: Database, customer_id: int, now: datetime) -> None:
     await transact(db, work)
 
 
-_ACTIVE = sql.Query(
-    sa.select(auth_sessions.c.id, auth_sessions.c.customer_id, auth_sessions.c.created_at,
-              auth_sessions.c.last_seen_at, auth_sessions.c.ip, auth_sessions.c.user_agent)
-    .where(
-        auth_sessions.c.customer_id == sa.bindparam("cid"),
-        auth_sessions.c.revoked_at.is_(None),
-        auth_sessions.c.last_seen_at > sa.bindparam("seen_after"),
-        auth_sessions.c.created_at > sa.bindparam("created_after"),
+def _dashboard_query() -> sql.Query:
+    """The customer's active sessions (newest use first, at most 20) and last sign-ins (at most
+    5), one round trip: a UNION ALL of the two limited lists, told apart by `kind`."""
+    s, e = auth_sessions, auth_events
+    active = (
+        sa.select(sa.literal_column("'session'").label("kind"), s.c.id, s.c.created_at, s.c.last_seen_at, s.c.ip,
+                  s.c.user_agent)
+        .where(
+            s.c.customer_id == sa.bindparam("cid"),
+            s.c.revoked_at.is_(None),
+            s.c.last_seen_at > sa.bindparam("seen_after"),
+            s.c.created_at > sa.bindparam("created_after"),
+        )
+        .order_by(s.c.last_seen_at.desc())
+        .limit(20)
+        .subquery()
     )
-    .order_by(auth_sessions.c.last_seen_at.desc())
-    .limit(20)
-)
+    sign_ins = (
+        sa.select(sa.literal_column("'sign_in'").label("kind"), sa.literal_column("''").label("id"), e.c.created_at,
+                  e.c.created_at.label("last_seen_at"), e.c.ip, e.c.user_agent)
+        .where(e.c.customer_id == sa.bindparam("cid"), e.c.event == "signed_in")
+        .order_by(e.c.created_at.desc())
+        .limit(5)
+        .subquery()
+    )
+    return sql.Query(sa.union_all(sa.select(active), sa.select(sign_ins)))
 
 
-async def active_sessions(
+_DASHBOARD = _dashboard_query()
+
+
+async def dashboard_lists(
     db: Database, customer_id: int, *, now: datetime, idle: int, absolute: int
-) -> list[SessionRow]:
-    rows = await sql.fetch_all(db, _ACTIVE, cid=customer_id, seen_after=now - timedelta(seconds=idle),
+) -> tuple[list[SessionRow], list[dict[str, object]]]:
+    """(active sessions, newest use first; last sign-ins, newest first)."""
+    rows = await sql.fetch_all(db, _DASHBOARD, cid=customer_id, seen_after=now - timedelta(seconds=idle),
                                created_after=now - timedelta(seconds=absolute))
-    return [SessionRow(r.id, r.customer_id, r.created_at, r.last_seen_at, r.ip, r.user_agent) for r in rows]
-
-
-_SIGN_INS = sql.Query(
-    sa.select(auth_events.c.created_at, auth_events.c.ip, auth_events.c.user_agent)
-    .where(auth_events.c.customer_id == sa.bindparam("cid"), auth_events.c.event == "signed_in")
-    .order_by(auth_events.c.created_at.desc())
-    .limit(5)
-)
-
-
-async def recent_sign_ins(db: Database, customer_id: int) -> list[dict[str, object]]:
-    return [r._asdict() for r in await sql.fetch_all(db, _SIGN_INS, cid=customer_id)]
+    active = sorted((SessionRow(r.id, customer_id, r.created_at, r.last_seen_at, r.ip, r.user_agent)
+                     for r in rows if r.kind == "session"), key=lambda x: x.last_seen_at, reverse=True)
+    sign_ins = sorted(({"created_at": r.created_at, "ip": r.ip, "user_agent": r.user_agent}
+                       for r in rows if r.kind == "sign_in"), key=lambda x: x["created_at"], reverse=True)
+    return active, sign_ins

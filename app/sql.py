@@ -97,7 +97,7 @@ def prepare_all(db: Database) -> int:
     such as the outbox's status updates, compile then) for this database's dialect, at start-up: compiling
     one takes 0.5-3 ms of CPU, which the first requests of a new worker would otherwise spend
     on the event loop (stalls of 20-30 ms measured right after a start). How many it compiled."""
-    name = _name(db)
+    name = dialect(db)
     queries = list(_LIVE)
     for q in queries:
         q.prepared(name)
@@ -127,12 +127,9 @@ def dialect(db: Database) -> str:
     return "sqlite" if db.url.dialect == "sqlite" else "mysql"
 
 
-_name = dialect
-
-
 async def _run(db: Database, q: Query, params: dict[str, Any], fetch: int) -> tuple[list[Any], int, int]:
     """(rows as namedtuples, rowcount, lastrowid); fetch: 0 none, 1 one, 2 all."""
-    name = _name(db)
+    name = dialect(db)
     p = q.prepared(name)
     args = _args(p, params)
     async with db.connection() as conn:

@@ -376,7 +376,7 @@ async def test_startup_compiles_every_statement_and_template_before_the_first_re
     for q in list(sql._LIVE):
         q._prepared.clear()
     async with running(settings, clock) as app:
-        name = sql._name(app.services.db)
+        name = sql.dialect(app.services.db)
         unprepared = [str(q.statement)[:60] for q in list(sql._LIVE) if name not in q._prepared]
         assert unprepared == []
         cached = {key[1] for key in templating.env.cache}  # type: ignore[union-attr]

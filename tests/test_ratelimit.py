@@ -4,34 +4,19 @@ memory and in Redis (SECURITY.md 13)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 
 from app.ratelimit import RateLimiter
+from tests.conftest import redis_url_or_skip
 
 pytestmark = pytest.mark.anyio
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-
-
-def _redis_or_skip() -> None:
-    try:
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).ping()
-    except Exception:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("Redis is not running")
-
-
 @pytest.fixture(params=["memory", "redis"])
 async def storage(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     if request.param == "redis":
-        _redis_or_skip()
-        yield REDIS_URL
+        yield redis_url_or_skip()
     else:
         yield "memory://"
 
@@ -70,8 +55,8 @@ async def test_account_limit_is_its_own_window(storage: str) -> None:
 
 
 async def test_redis_windows_are_shared_between_limiters() -> None:
-    _redis_or_skip()
-    first, second = RateLimiter(REDIS_URL, "3/minute"), RateLimiter(REDIS_URL, "3/minute")
+    url = redis_url_or_skip()
+    first, second = RateLimiter(url, "3/minute"), RateLimiter(url, "3/minute")
     k = key()
     answers = [await (first if i % 2 else second).hit("login", k) for i in range(5)]
     assert answers[:3] == [0, 0, 0] and all(a > 0 for a in answers[3:])

@@ -21,6 +21,7 @@ from tests.conftest import (
     code_in,
     get_csrf,
     login,
+    redis_url_or_skip,
     register,
     registered,
     running,
@@ -365,18 +366,9 @@ async def test_forwarded_for_is_believed_only_from_trusted_proxies(settings: Set
 
 
 async def test_rate_limits_in_redis_are_shared_between_workers(settings: Settings, clock: FixedClock) -> None:
-    import os
     import uuid
 
-    url = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-    try:
-        import redis
-
-        redis.Redis.from_url(url).ping()
-    except Exception:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("Redis is not running")
+    url = redis_url_or_skip()
     shared = with_(settings, rate_limit="3/minute", rate_limit_storage=url)
     import ipaddress
 

@@ -68,7 +68,7 @@ _GET = sql.Query(sa.select(*_COLS).where(customers.c.id == sa.bindparam("cid")))
 
 
 async def _by(db: Database, field: str, value: str) -> Customer | None:
-    lowered = db.url.dialect == "sqlite"
+    lowered = sql.dialect(db) == "sqlite"
     return _customer(await sql.fetch_one(db, _FIND[field, lowered], login=value.lower() if lowered else value))
 
 

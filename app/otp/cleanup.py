@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 from databases import Database
 
+from app import sql
 from app.mail import outbox
 from app.tables import otp_stats, otp_verification
 
@@ -47,7 +48,7 @@ async def _cleanup_batch(db: Database, *, cutoff: datetime) -> int:
         else_="expired",
     )
     async with db.transaction():
-        if db.url.dialect == "sqlite":
+        if sql.dialect(db) == "sqlite":
             # Take the write lock first: on SQLite (WAL) a transaction that read before another
             # connection's commit cannot become a writer later.
             await db.execute(otp_stats.update().where(sa.false()).values(codes=otp_stats.c.codes))

@@ -169,6 +169,19 @@ def _ending_open_codes(*where: Any, values: dict[Any, Any]) -> sql.Query:
     )
 
 
+async def _ending_open_codes_if(db: Database, alone: sql.Query, combined: sql.Query, *, cid: int, now: datetime,
+                                **params: Any) -> int:
+    """Run a customer-row UPDATE and, when it matched the row, end the customer's open codes:
+    `combined` (one statement, from _ending_open_codes) on MySQL/MariaDB, `alone` then
+    _INVALIDATE_OPEN on SQLite. How many rows it changed: 0 when the customer row did not match."""
+    if sql.dialect(db) == "mysql":
+        return await sql.execute(db, combined, cid=cid, now=now, **params)
+    changed = await sql.execute(db, alone, cid=cid, now=now, **params)
+    if changed:
+        await sql.execute(db, _INVALIDATE_OPEN, cid=cid, now=now)
+    return changed
+
+
 _TAKE_COOLDOWN_ENDING_OPEN = _ending_open_codes(
     c.c.id == sa.bindparam("cid"),
     sa.or_(c.c.otp_last_sent_at.is_(None), c.c.otp_last_sent_at <= sa.bindparam("threshold")),
@@ -204,12 +217,9 @@ async def issue(
     exactly when its mail does.
     """
     threshold = now - timedelta(seconds=policy.resend_cooldown)
-    one_statement = sql.dialect(db) == "mysql"
-    if not await sql.execute(db, _TAKE_COOLDOWN_ENDING_OPEN if one_statement else _TAKE_COOLDOWN, cid=customer_id,
-                             threshold=threshold, now=now):
+    if not await _ending_open_codes_if(db, _TAKE_COOLDOWN, _TAKE_COOLDOWN_ENDING_OPEN, cid=customer_id,
+                                       threshold=threshold, now=now):
         raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
-    if not one_statement:
-        await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
     code = generate_code()
     challenge_id = new_challenge_id()
     expires_at = now + timedelta(seconds=policy.ttl(purpose))
@@ -416,15 +426,7 @@ async def _succeeded(db: Database, customer_id: int, now: datetime) -> None:
     """Failures reset; every other open code (and the pending steps that hold them) ends here.
     The code is used already: a deadlock here is tried again (doing this twice is harmless),
     never answered as an outage."""
-
-    async def once() -> None:
-        if sql.dialect(db) == "mysql":
-            await sql.execute(db, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now)
-            return
-        await sql.execute(db, _SUCCEEDED, cid=customer_id, now=now)
-        await sql.execute(db, _INVALIDATE_OPEN, cid=customer_id, now=now)
-
-    await retrying(once)
+    await retrying(lambda: _ending_open_codes_if(db, _SUCCEEDED, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now))
 
 
 async def verify(

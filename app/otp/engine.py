@@ -412,11 +412,15 @@ async def use_code(
 ) -> bool:
     """The fast path of verify() for a right code: True when this entry used it (and the
     customer's failures were reset, their other open codes ended). False means nothing
-    happened: call verify() with the loaded challenge for the verdict."""
-    won = await sql.execute(
+    happened: call verify() with the loaded challenge for the verdict.
+
+    The UPDATE locks the code row, then reads the customer row under a shared lock; a sign-out
+    everywhere or a new code locks the customer row, then the codes. When MariaDB breaks that
+    deadlock by aborting this statement, nothing of it happened: it is simply tried again."""
+    won = await retrying(lambda: sql.execute(
         db, _USE_BOUND, cid=challenge_id, uid=customer_id, binding=binding_hash(keys.binding, nonce),
         hash=code_hash(keys.code, challenge_id, code), max_attempts=policy.max_attempts, now=now,
-    )
+    ))
     if won:
         await _succeeded(db, customer_id, now)
     return bool(won)

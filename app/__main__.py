@@ -1,4 +1,4 @@
-"""python -m app [serve] [--host H] [--port P] | migrate | otp enable (--email A | --all) | otp cleanup"""
+"""python -m app [serve] [--host H] [--port P] | migrate | otp enable|disable (--email A | --all) | otp cleanup"""
 
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply migrations to DATABASE_URL")
     otp = sub.add_parser("otp", help="one-time code administration")
     otp_sub = otp.add_subparsers(dest="otp_command", required=True)
-    enable = otp_sub.add_parser("enable", help="turn sign-in codes on for existing customers")
-    who = enable.add_mutually_exclusive_group(required=True)
-    who.add_argument("--email")
-    who.add_argument("--all", action="store_true")
+    for verb, what in (("enable", "on"), ("disable", "off")):
+        cmd = otp_sub.add_parser(verb, help=f"turn sign-in codes {what} for existing customers")
+        who = cmd.add_mutually_exclusive_group(required=True)
+        who.add_argument("--email")
+        who.add_argument("--all", action="store_true")
     otp_sub.add_parser("cleanup", help="delete expired and used codes now")
     return parser
 
@@ -38,16 +39,16 @@ async def _otp(args: argparse.Namespace) -> int:
     db = make_database(settings)
     await db.connect()
     try:
-        if args.otp_command == "enable":
-            changed = await set_otp(db, enabled=True, email=None if args.all else args.email)
+        if args.otp_command in ("enable", "disable"):
+            on = args.otp_command == "enable"
+            matched, changed = await set_otp(db, enabled=on, email=None if args.all else args.email)
+            if not matched:
+                who = "No customer has the email " + args.email if not args.all else "There are no customers"
+                print(f"{who}: nothing changed.", file=sys.stderr)
+                return 1
             target = "every customer" if args.all else args.email
-            print(f"OTP enabled for {changed} customer(s) ({target}); already on: not counted.")
-            if not args.all and changed == 0:
-                from app.auth.queries import find_customer
-
-                if await find_customer(db, login=args.email) is None:
-                    print(f"No customer has the email {args.email}.", file=sys.stderr)
-                    return 1
+            print(f"Sign-in codes {'on' if on else 'off'} for {target}: {changed} changed, "
+                  f"{matched - changed} already {'on' if on else 'off'}.")
         else:
             # On demand, sent mail a development process kept is looked for too, in any mode.
             deleted = await cleanup(db, now=SystemClock().now(), sent_kept=True)

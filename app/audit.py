@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,10 +15,22 @@ from app import sql
 from app.tables import auth_events
 
 log = logging.getLogger("app.audit")
-EVENTS = {
-    "registered", "code_sent", "code_failed", "locked", "verified", "signed_in",
-    "signed_out", "session_revoked", "password_failed", "resend_refused",
-}
+
+
+class Event(StrEnum):
+    REGISTERED = "registered"
+    CODE_SENT = "code_sent"
+    CODE_FAILED = "code_failed"
+    LOCKED = "locked"
+    VERIFIED = "verified"
+    SIGNED_IN = "signed_in"
+    SIGNED_OUT = "signed_out"
+    SESSION_REVOKED = "session_revoked"
+    PASSWORD_FAILED = "password_failed"
+    RESEND_REFUSED = "resend_refused"
+
+
+EVENTS = frozenset(Event)
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -41,14 +54,13 @@ def _insert(rows: int) -> sql.Query:
 
 
 async def record(
-    db: Database, *events: str, customer_id: int | None, ip: str, user_agent: str, now: datetime
+    db: Database, *events: Event, customer_id: int | None, ip: str, user_agent: str, now: datetime
 ) -> None:
     """Log and store auth events that happened together (one INSERT), in UTC."""
     ua = user_agent[:255]
-    for event in events:
-        assert event in EVENTS, event
-        log.info("auth event=%s customer=%s ip=%s time=%s ua=%s", event, customer_id, safe(ip), now.isoformat(),
+    names = {f"event_{i}": Event(e).value for i, e in enumerate(events)}  # ValueError: not an auth event
+    for name in names.values():
+        log.info("auth event=%s customer=%s ip=%s time=%s ua=%s", name, customer_id, safe(ip), now.isoformat(),
                  safe(ua))
-    names = {f"event_{i}": e for i, e in enumerate(events)}
     await sql.execute(db, _insert(len(events)), customer_id=customer_id, ip=ip[:45], user_agent=ua, created_at=now,
                       **names)

@@ -1,18 +1,17 @@
-"""What every request may use, built once per process in the lifespan."""
+"""What every use case may use, built once per process by create_app (no HTTP here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 from databases import Database
-from starlette.requests import Request
 
 from app.clock import Clock
 from app.mail.dispatcher import Dispatcher
-from app.mail.outbox import Sealer
 from app.otp import Keys, OtpPolicy
 from app.ratelimit import RateLimiter
-from app.security import client_ip
+from app.security.crypto import Sealer
 from app.settings import Settings
 
 
@@ -23,22 +22,24 @@ class Services:
     clock: Clock
     keys: Keys
     policy: OtpPolicy
-    sealer: Sealer
+    sealer: Sealer  # queued mail
+    claims: Sealer  # registration details held until their code is entered
     mailer: Dispatcher
     limiter: RateLimiter
 
 
-def services(request: Request) -> Services:
-    return request.state.services  # type: ignore[no-any-return]
+@dataclass(frozen=True)
+class Client:
+    """Who is asking, as the audit log and the session list record it."""
+
+    ip: str
+    user_agent: str
 
 
-def ip_of(request: Request) -> str:
-    """The client address, worked out once per request (the guard, the route and the audit ask)."""
-    ip = request.scope.get("app.client_ip")
-    if ip is None:
-        ip = request.scope["app.client_ip"] = client_ip(request, services(request).settings.trusted_proxies)
-    return ip  # type: ignore[no-any-return]
+class AppState(TypedDict):
+    """What the lifespan yields; Starlette copies it into every request's `request.state`."""
 
-
-def ua_of(request: Request) -> str:
-    return request.headers.get("user-agent", "")[:255]
+    db: Database
+    clock: Clock
+    mailer: Dispatcher
+    services: Services

@@ -7,6 +7,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.config import Config
 
@@ -27,6 +28,8 @@ class Settings:
     app_env: str = "development"
     database_url: str = "sqlite+aiosqlite:///./shop.db"
     secret_key: str = ""
+    secret_key_fallbacks: tuple[str, ...] = ()  # older keys: still open sessions and queued mail
+    public_origin: str | None = None  # https://shop.example: redirects to HTTPS and links in mail
     smtp_host: str | None = None
     smtp_port: int = 587
     smtp_username: str | None = None
@@ -65,6 +68,16 @@ class Settings:
             raise SettingsError("SECRET_KEY must be at least 32 bytes (try: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
         if self.is_production and not self.smtp_host:
             raise SettingsError("production needs SMTP_HOST: codes are never printed in production")
+        for old in self.secret_key_fallbacks:
+            if len(old.encode()) < 32:
+                raise SettingsError("each key in SECRET_KEY_FALLBACKS must be at least 32 bytes")
+        if self.public_origin is not None:
+            parts = urlsplit(self.public_origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/") or parts.query:
+                raise SettingsError("PUBLIC_ORIGIN is a scheme and host only, like https://shop.example")
+        if self.is_production and not (self.public_origin or "").startswith("https://"):
+            raise SettingsError("production needs PUBLIC_ORIGIN, the https:// address customers use "
+                                "(plain HTTP is redirected there, and mail links point to it)")
         for name in ("otp_registration_ttl", "otp_login_ttl", "otp_max_attempts", "session_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive")
@@ -121,6 +134,9 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides:
             "app_env": env,
             "database_url": config("DATABASE_URL", default=Settings.database_url),
             "secret_key": secret,
+            "secret_key_fallbacks": tuple(k.strip() for k in config("SECRET_KEY_FALLBACKS", default="").split(",")
+                                          if k.strip()),
+            "public_origin": (config("PUBLIC_ORIGIN", default="") or "").rstrip("/") or None,
             "smtp_host": config("SMTP_HOST", default=None) or None,
             "smtp_port": config("SMTP_PORT", cast=int, default=587),
             "smtp_username": config("SMTP_USERNAME", default=None) or None,

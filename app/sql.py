@@ -1,11 +1,13 @@
-"""Prepared statements for the hot path: a SQLAlchemy Core statement, compiled once per dialect,
+"""The one way this app runs SQL: a SQLAlchemy Core statement, compiled once per dialect and
 run on the driver cursor of the `databases` connection (so inside its transactions).
 
-`databases` compiles every statement on every call and builds SQLAlchemy result metadata for
-every row; on a sign-in that was 0.25 ms of CPU per statement against 0.09 ms for the round
-trip itself. Here the SQL text, the bind processors (our UTCDateTime, SQLite's date strings,
-booleans) and the result processors are worked out once, from SQLAlchemy's own compiler, and
-reused; values are still passed as driver parameters, never formatted into the SQL.
+`databases` would compile every statement on every call and build SQLAlchemy result metadata
+for every row, several times the cost of the round trip itself (bench/README.md). Here the SQL
+text, the bind processors (our UTCDateTime, SQLite's date strings, booleans) and the result
+processors are worked out once, through SQLAlchemy's public API (the compiled statement's
+`string` and `bind_names`, each type's `dialect_impl(...).bind_processor/result_processor`,
+the statement's `selected_columns`), and reused; values are passed as driver parameters,
+never formatted into the SQL.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from databases import Database
 from sqlalchemy.dialects.mysql import pymysql as mysql_pymysql
 from sqlalchemy.dialects.sqlite import pysqlite
@@ -67,25 +70,30 @@ class Query:
         if self.columns:
             kwargs["column_keys"] = list(self.columns)
         compiled: Any = self.statement.compile(**kwargs)
-        if getattr(compiled, "positiontup", None) and dialect.paramstyle not in ("pyformat", "named"):
+        if dialect.paramstyle not in ("pyformat", "named"):
             raise AssertionError("named parameters expected")
         defaults: dict[str, Any] = {}
+        binds: dict[str, Callable[[Any], Any]] = {}
+        # bind_names: every BindParameter of the statement and the name it has in the SQL (one
+        # name may stand in several places: it is converted once).
         for bind, name in compiled.bind_names.items():
             if bind.expanding or bind.callable is not None:
                 raise AssertionError(f"{name}: expanding or callable parameters are not prepared")
             if not bind.required:
                 defaults[name] = bind.value
-        processors = compiled._bind_processors
-        binds = tuple((name, proc) for name, proc in processors.items() if proc is not None)
+            proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if proc is not None:
+                binds[name] = proc
         results: list[tuple[int, Callable[[Any], Any]]] = []
         keys: list[str] = []
-        for i, entry in enumerate(compiled._result_columns or ()):
-            keys.append(entry.keyname)
-            proc = entry.type._cached_result_processor(dialect, None)
-            if proc is not None:
-                results.append((i, proc))
-        row = namedtuple("Row", keys) if keys else None  # type: ignore[misc]  # noqa: PYI024
-        return _Prepared(compiled.string, defaults, binds, tuple(results), row)
+        if isinstance(self.statement, sa.sql.expression.SelectBase):
+            for i, column in enumerate(self.statement.selected_columns):
+                keys.append(str(column.key))  # unnamed expressions become _0, _1, ... (rename)
+                proc = column.type.dialect_impl(dialect).result_processor(dialect, None)
+                if proc is not None:
+                    results.append((i, proc))
+        row = namedtuple("Row", keys, rename=True) if keys else None  # type: ignore[misc]  # noqa: PYI024
+        return _Prepared(compiled.string, defaults, tuple(binds.items()), tuple(results), row)
 
 
 # Every statement still referenced (the module-level ones for good), for prepare_all.
@@ -93,10 +101,9 @@ _LIVE: weakref.WeakSet[Query] = weakref.WeakSet()
 
 
 def prepare_all(db: Database) -> int:
-    """Compile every statement defined so far (the module-level ones; a few built on first use,
-    such as the outbox's status updates, compile then) for this database's dialect, at start-up: compiling
-    one takes 0.5-3 ms of CPU, which the first requests of a new worker would otherwise spend
-    on the event loop (stalls of 20-30 ms measured right after a start). How many it compiled."""
+    """Compile every statement defined so far for this database's dialect, at start-up, so the
+    first requests of a new worker do not spend their event loop's time compiling (a few built
+    on first use compile then). How many it compiled."""
     name = dialect(db)
     queries = list(_LIVE)
     for q in queries:

@@ -60,6 +60,10 @@ customers = sa.Table(
     sa.Column("otp_lockouts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("otp_last_sent_at", UTCDateTime, nullable=True),
     sa.Column("session_version", sa.Integer, nullable=False, server_default="0"),
+    # Where the row came from: "signup" (this app's registration form) or "shop" (the shop's own
+    # table, or its other software). Only a sign-up that never confirmed its address may be taken
+    # over by a new registration, and only through a code to that address.
+    sa.Column("source", sa.String(8), nullable=False, server_default="shop"),
 )
 
 otp_verification = sa.Table(
@@ -82,6 +86,11 @@ otp_verification = sa.Table(
     sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
     sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("locked_until", UTCDateTime, nullable=True),
+    # A registration taking over an unconfirmed sign-up: its details (username, name, password
+    # hash), sealed, applied only when this code is entered.
+    sa.Column("claim", sa.Text, nullable=True),
+    # A decoy inside the notice cooldown: the earlier notice whose delivery state it shows.
+    sa.Column("mail_id", sa.BigInteger, nullable=True),
     sa.Index("ix_otp_customer_open", "customer_id", "used_at", "invalidated_at"),
     sa.Index("ix_otp_expires_at", "expires_at"),
 )
@@ -146,4 +155,14 @@ mail_outbox = sa.Table(
     sa.Index("ix_outbox_challenge", "challenge_id"),
     sa.Index("ix_outbox_expires_at", "expires_at"),
     sa.Index("ix_outbox_recipient", "recipient", "created_at"),
+)
+
+mail_throttle = sa.Table(
+    "mail_throttle",
+    metadata,
+    # At most one notice per key (a keyed hash of the recipient) per window, taken by a guarded
+    # UPDATE or, the first time, an INSERT that the primary key lets only one request win.
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("last_at", UTCDateTime, nullable=False),
+    sa.Column("mail_id", sa.BigInteger, nullable=True),  # the notice that went out then
 )

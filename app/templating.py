@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 
 from app.htmx import wants_fragment
-from app.security import csrf_token
+from app.security.csrf import csrf_token
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 HTMX_VERSION = "2.0.11"

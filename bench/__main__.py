@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from app.security import hash_slots
+from app.security.passwords import hash_slots
 from bench import dbtools, hashbound, report
 from bench.common import REPO, RESULTS, TMP, free_port, pid_of_command, set_tag, status_field
 from bench.server import Uvicorn, app_env
@@ -106,6 +106,8 @@ class Bench:
             "APP_ENV": "production", "DATABASE_URL": self.database_url, "SECRET_KEY": self.secret,
             "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.smtp_port), "SMTP_SECURITY": "none",
             "RATE_LIMIT_STORAGE": a.redis_url, "TRUSTED_PROXIES": "127.0.0.1",
+            # The load generator stands in for the TLS proxy: X-Forwarded-Proto https from 127.0.0.1.
+            "PUBLIC_ORIGIN": "https://shop.bench",
             "LOOP_MONITOR": "0" if a.no_loop_monitor else "1",
             # As the README tells an operator who starts uvicorn with --workers N.
             "HASH_CONCURRENCY": str(hash_slots(workers=a.workers)),

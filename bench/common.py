@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from app.security import HASH_THREAD_NAME  # the OS name of the threads that hash
+from app.security.passwords import HASH_THREAD_NAME  # the OS name of the threads that hash
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

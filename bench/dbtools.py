@@ -43,7 +43,7 @@ def migrate(env: dict[str, str]) -> float:
 
 def password_hash() -> str:
     """One Argon2id hash with the app's own parameters, for every seeded customer."""
-    from app.security import ARGON2
+    from app.security.passwords import ARGON2
 
     return ARGON2.hash(PASSWORD)
 

@@ -149,7 +149,7 @@ async def _record(database_url: str, secret_key: str, customer: int, cleanup: bo
     info: dict[str, Any] = {}
     try:
         settings = Settings(app_env="production", database_url=database_url, secret_key=secret_key,
-                            smtp_host="127.0.0.1", rate_limit_storage="memory://")
+                            smtp_host="127.0.0.1", rate_limit_storage="memory://", public_origin="https://testserver")
         transport = MemoryTransport()
         app = create_app(settings, transport=transport)
         async with app.router.lifespan_context(app) as state:

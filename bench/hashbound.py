@@ -13,7 +13,7 @@ from bench.common import CLK_TCK, PASSWORD, machine_busy_ticks
 
 
 def _worker(stored: str, seconds: float, start_at: float, out: Any) -> None:
-    from app.security import ARGON2
+    from app.security.passwords import ARGON2
 
     while time.time() < start_at:
         time.sleep(0.005)
@@ -43,7 +43,7 @@ def measure(seconds: float, processes: int | None = None, attempts: int = 3) -> 
 
 
 def _measure_once(seconds: float, processes: int | None = None) -> dict[str, Any]:
-    from app.security import ARGON2
+    from app.security.passwords import ARGON2
 
     processes = processes or os.cpu_count() or 1
     stored = ARGON2.hash(PASSWORD)

@@ -68,7 +68,9 @@ class Browser:
     cookie: str | None = None
 
     def headers(self, post: bool = False) -> dict[str, str]:
-        h = {"X-Forwarded-For": self.ip, "User-Agent": "bench/1.0", "Accept": "text/html"}
+        # As from the TLS proxy in front of the app: the client's address, and the scheme it used.
+        h = {"X-Forwarded-For": self.ip, "X-Forwarded-Proto": "https", "User-Agent": "bench/1.0",
+             "Accept": "text/html"}
         if self.cookie:
             h["Cookie"] = f"{COOKIE}={self.cookie}"
         if post:

@@ -32,7 +32,7 @@ from app.settings import Settings
 
 CODE_LINE = re.compile(r"(?m)^\s*(\d{6})\s*$")
 PASSWORD = "Blue-Harbor-Lamp-42"
-TABLES = ("mail_outbox", "auth_events", "auth_sessions", "otp_stats", "customer_otp_verification", "customers")
+TABLES = ("mail_throttle", "mail_outbox", "auth_events", "auth_sessions", "otp_stats", "customer_otp_verification", "customers")
 
 
 # --- backends ----------------------------------------------------------------------------
@@ -147,8 +147,22 @@ class Capture:
     reply: str = "250 OK"
     holding: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Fault hooks: hold each RCPT this long (before any message is handed over), and call
+    # on_data (in the server's thread) when a message arrives, before it is accepted.
+    stall_rcpt: float = 0.0
+    stalled: threading.Event = field(default_factory=threading.Event)
+    on_data: Any = None
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any) -> str:
+        if self.stall_rcpt:
+            self.stalled.set()
+            await asyncio.sleep(self.stall_rcpt)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.on_data is not None:
+            self.on_data()
         if self.delay:
             self.holding.set()
             await asyncio.sleep(self.delay)
@@ -163,7 +177,8 @@ class Capture:
     def clear(self) -> None:
         with self.lock:
             self.messages.clear()
-        self.delay, self.reply = 0.0, "250 OK"
+        self.delay, self.reply, self.stall_rcpt, self.on_data = 0.0, "250 OK", 0.0, None
+        self.stalled.clear()
 
     def to(self, address: str) -> list[EmailMessage]:
         with self.lock:
@@ -355,6 +370,15 @@ async def registered(client: httpx.AsyncClient, smtp: Capture, **kwargs: Any) ->
 
 def with_(settings: Settings, **changes: Any) -> Settings:
     return replace(settings, **changes)
+
+
+PUBLIC_ORIGIN = "https://shop.example"
+
+
+def production(settings: Settings, **changes: Any) -> Settings:
+    """The same settings in production mode (which needs PUBLIC_ORIGIN); talk to it over
+    `server.client(base_url=PUBLIC_ORIGIN)`: plain http is redirected there."""
+    return replace(settings, app_env="production", public_origin=PUBLIC_ORIGIN, **changes)
 
 
 ROOT = Path(__file__).resolve().parent.parent

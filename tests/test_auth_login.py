@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import httpx
@@ -9,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.clock import FixedClock
-from app.security import _DUMMY_HASH, ARGON2, _check_password
+from app.security.passwords import _DUMMY_HASH, ARGON2, _check_password
 from app.settings import Settings
 from app.tables import customers
 from tests.conftest import (
@@ -230,7 +231,7 @@ async def test_password_hashing_runs_at_most_hash_concurrency_at_once(monkeypatc
 
     import anyio
 
-    from app import security
+    from app.security import passwords as security
 
     running = peak = 0
     lock = threading.Lock()
@@ -263,8 +264,8 @@ async def test_password_hashing_runs_at_most_hash_concurrency_at_once(monkeypatc
 async def test_hash_concurrency_setting_reaches_the_hashing(settings: Settings) -> None:
     from dataclasses import replace
 
-    from app import security
     from app.main import create_app
+    from app.security import passwords as security
 
     try:
         create_app(replace(settings, hash_concurrency=3))
@@ -278,7 +279,7 @@ def test_hash_concurrency_defaults_to_the_cores_shared_among_web_concurrency_wor
 ) -> None:
     import os
 
-    from app import security
+    from app.security import passwords as security
     from app.settings import Settings, SettingsError
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
@@ -300,7 +301,7 @@ async def test_hashing_threads_are_named_for_the_os() -> None:
     """`top -H` (and the bench, reading /proc) tells the Argon2 threads from the rest."""
     from pathlib import Path
 
-    from app import security
+    from app.security import passwords as security
 
     await security.check_password(None, PASSWORD)
     names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
@@ -315,7 +316,7 @@ async def test_hashing_threads_run_nothing_but_hashing(monkeypatch: pytest.Monke
 
     import anyio
 
-    from app import security
+    from app.security import passwords as security
 
     def os_name() -> str:
         return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
@@ -332,3 +333,81 @@ async def test_hashing_threads_run_nothing_but_hashing(monkeypatch: pytest.Monke
     others = [await anyio.to_thread.run_sync(os_name) for _ in range(3)]
     assert where == [security.HASH_THREAD_NAME]
     assert security.HASH_THREAD_NAME not in others
+
+
+# --- review fixes (issue 14) -------------------------------------------------------------
+
+
+async def test_username_and_email_share_one_account_budget(settings: Settings, clock: FixedClock,
+                                                           smtp: Capture) -> None:
+    """The per-account limit counts the customer, whatever name was typed: "jane" and
+    "jane@example.com" are one budget, and it frees up as the app's clock moves on."""
+    from tests.conftest import registered, running, with_
+
+    limited = with_(settings, login_account_rate_limit="3/minute")
+    async with running(limited, clock) as server:
+        async with server.client() as c:
+            await registered(c, smtp)
+        for who in ("jane", "jane@example.com", "JANE"):
+            async with server.client() as c:
+                assert (await login(c, who, "Wrong-Password-11")).status_code == 422
+        async with server.client() as c:
+            r = await login(c, "Jane@Example.com")  # the right password, but the budget is spent
+            assert r.status_code == 422 and "do not match" in r.text
+        clock.advance(61)
+        async with server.client() as c:
+            assert (await login(c, "jane@example.com")).status_code == 303
+
+
+async def test_password_rehash_holds_no_pooled_connection_while_argon2_runs(
+    clock: FixedClock, smtp: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one pooled connection (MariaDB: SQLite has no pool to hold), a legacy sign-in
+    waiting for its re-hash must leave the pool free: another request gets the connection."""
+    import os
+    import secrets
+    import threading
+
+    from werkzeug.security import generate_password_hash
+
+    from app.database import migrate
+    from app.security import passwords
+    from tests.conftest import create_mysql_database, drop_mysql_database, mysql_url, running
+
+    if not os.environ.get("TEST_MYSQL_URL"):
+        pytest.skip("needs MariaDB: set TEST_MYSQL_URL (CI always does)")
+    name = create_mysql_database("shop_pool")
+    migrate(mysql_url(name))
+    settings = Settings(app_env="test", database_url=mysql_url(name), secret_key=secrets.token_urlsafe(48),
+                        smtp_host="127.0.0.1", smtp_port=smtp.port, smtp_security="none", db_pool_size=1,
+                        hash_concurrency=1, rate_limit="10000/minute", login_account_rate_limit="10000/minute")
+    release, started = threading.Event(), threading.Event()
+    real = passwords._check_password
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+
+    def check_then_hold_the_hashing_thread(stored: str | None, password: str) -> tuple[bool, bool]:
+        result = real(stored, password)
+        passwords._hashing_pool().submit(blocker)  # the re-hash queues behind it
+        return result
+
+    monkeypatch.setattr(passwords, "_check_password", check_then_hold_the_hashing_thread)
+    try:
+        async with running(settings, clock) as server:
+            await server.services.db.execute(customers.insert().values(
+                email="old@example.com", username="old", email_verified_at=clock.now(), otp_enabled=False,
+                password_hash=generate_password_hash(PASSWORD, method="pbkdf2:sha256:1000")))
+            async with server.client() as c:
+                signing_in = asyncio.ensure_future(login(c, "old@example.com"))
+                while not started.is_set():
+                    await asyncio.sleep(0.01)
+                async with server.client() as other:
+                    health = await asyncio.wait_for(other.get("/healthz"), 3)  # needs the only connection
+                assert health.status_code == 200
+                release.set()
+                assert (await signing_in).headers["location"] == "/dashboard"
+    finally:
+        release.set()
+        drop_mysql_database(name)

@@ -17,6 +17,7 @@ from tests.conftest import (
     code_in,
     get_csrf,
     html_of,
+    login,
     register,
     registered,
     submit_code,
@@ -245,3 +246,125 @@ async def test_stranger_cannot_tell_existing_address_by_wrong_codes_or_resends(
 async def test_names_with_links_or_line_separators_are_refused(client: httpx.AsyncClient, name: str) -> None:
     r = await post_register(client, full_name=name)
     assert r.status_code == 422 and 'id="full_name-error"' in r.text
+
+
+# --- review fixes (issue 14) -------------------------------------------------------------
+
+
+async def test_an_unconfirmed_sign_up_is_taken_over_only_through_the_code(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """A second registration of an address nobody confirmed changes nothing until its code is
+    entered; then its details replace the first ones."""
+    async with server.client() as squatter:
+        await post_register(squatter, full_name="Squatter", username="squat", password="Squatters-Pass-77",
+                            confirm_password="Squatters-Pass-77")
+    clock.advance(61)
+    async with server.client() as owner:
+        await post_register(owner, full_name="Jane Owner", username="janeowner")
+        row = await server.services.db.fetch_one(sa.select(customers))
+        assert row.username == "squat" and row.full_name == "Squatter", "nothing changes before the code"
+        code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        assert (await submit_code(owner, code)).headers["location"] == "/dashboard"
+    row = await server.services.db.fetch_one(sa.select(customers))
+    assert row.username == "janeowner" and row.full_name == "Jane Owner" and row.email_verified_at is not None
+    clock.advance(61)
+    async with server.client() as c:
+        assert (await login(c, "janeowner")).headers["location"] == "/verify"
+    async with server.client() as c:
+        assert (await login(c, "janeowner", "Squatters-Pass-77")).status_code == 422
+
+
+async def test_double_submit_of_registration_lands_both_on_the_same_code_step(server: Running, smtp: Capture) -> None:
+    """The same form sent twice from one tab (a double click): one account, one code mail, no
+    "you already have an account" mail, and both answers hold the same step, whose code works."""
+    import base64
+    import json
+
+    def payload(response: httpx.Response) -> dict[str, object]:
+        value = response.headers["set-cookie"].split(";")[0].split("=", 1)[1].split(".")[0]
+        return dict(json.loads(base64.b64decode(value + "=" * (-len(value) % 4))))
+
+    async with server.client() as first:
+        token = await get_csrf(first, "/register")
+        cookies = dict(first.cookies)
+    data = {"full_name": "Jane Doe", "username": "jane", "email": "jane@example.com", "password": PASSWORD,
+            "confirm_password": PASSWORD, "csrf_token": token}
+
+    async def submit() -> tuple[int, dict[str, object], dict[str, str]]:
+        async with server.client(cookies=cookies) as tab:
+            r = await tab.post("/register", data=data)
+            return r.status_code, payload(r), {"session": r.headers["set-cookie"].split(";")[0].split("=", 1)[1]}
+
+    (s1, p1, c1), (s2, p2, _) = await asyncio.gather(submit(), submit())
+    assert s1 == s2 == 303
+    assert p1["pending"] == p2["pending"], "both tabs hold the same code step"
+    (mail,) = await wait_mail(smtp, "jane@example.com")
+    await asyncio.sleep(0.3)
+    assert len(smtp.to("jane@example.com")) == 1 and "already" not in mail["Subject"]
+    assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(customers)) == 1
+    async with server.client(cookies=c1) as tab:
+        assert (await submit_code(tab, code_in(mail))).headers["location"] == "/dashboard"
+
+
+async def test_concurrent_registrations_of_an_existing_address_send_one_notice(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    async with server.client() as owner:
+        await registered(owner, smtp)
+    clock.advance(3600)
+
+    async def attempt(i: int) -> int:
+        async with server.client() as c:
+            return (await post_register(c, username=f"other{i}")).status_code
+
+    assert set(await asyncio.gather(*(attempt(i) for i in range(8)))) == {303}
+    await server.services.mailer.drain()
+    await asyncio.sleep(0.3)
+    notices = [m for m in smtp.to("jane@example.com") if "already" in m["Subject"]]
+    assert len(notices) == 1
+
+
+async def test_new_and_existing_address_read_the_same_at_every_poll(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """The delivery line of the code step, right after the form, at the first poll and once the
+    mail went out: the same for a new address, an existing one, and an existing one inside its
+    notice cooldown (where no mail goes out at all)."""
+    import re
+
+    async with server.client() as owner:
+        await registered(owner, smtp, email="owner@example.com", username="owner")
+    clock.advance(3600)
+    line = re.compile(r'<p id="delivery".*?</p>', re.S)
+
+    async def states(email: str, username: str, mails: int) -> list[str]:
+        seen = []
+        async with server.client() as c:
+            r = await register(c, username=username, email=email, htmx=True)
+            seen.append(line.search(r.text).group())  # type: ignore[union-attr]
+            seen.append((await c.get("/verify/delivery", headers={"HX-Request": "true"})).text.strip())
+            if mails:
+                await wait_mail(smtp, email, mails)
+            await server.services.mailer.drain()
+            await asyncio.sleep(0.1)
+            clock.advance(2)
+            seen.append((await c.get("/verify/delivery", headers={"HX-Request": "true"})).text.strip())
+        return seen
+
+    fresh = await states("fresh@example.com", "fresh", 1)
+    assert "Sending your code" in fresh[0] and "Email sent" in fresh[2]
+    assert await states("owner@example.com", "someone", 2) == fresh
+    # Inside the notice cooldown no mail goes out: the step shows the notice that did.
+    assert await states("owner@example.com", "someone2", 0) == await states("fresh2@example.com", "fresh2", 1)
+
+
+async def test_digits_in_a_name_never_make_a_second_six_digit_token(client: httpx.AsyncClient, smtp: Capture) -> None:
+    import re
+
+    await register(client, name="Jane 123456")
+    (mail,) = await wait_mail(smtp, "jane@example.com")
+    text = text_of(mail)
+    tokens = re.findall(r"(?<!\d)\d{6}(?!\d)", text)
+    assert tokens == [code_in(mail)], tokens
+    assert "Jane 123 456" in text

@@ -24,6 +24,7 @@ from app.settings import Settings
 from app.tables import customers
 from tests.conftest import (
     PASSWORD,
+    PUBLIC_ORIGIN,
     ROOT,
     Capture,
     Running,
@@ -31,9 +32,11 @@ from tests.conftest import (
     create_mysql_database,
     drop_mysql_database,
     free_port,
+    get_csrf,
     login,
     mysql_server,
     mysql_url,
+    production,
     register,
     registered,
     running,
@@ -71,8 +74,8 @@ async def test_test_clock_hook_exists_only_in_test_mode(settings: Settings) -> N
         before = (await c.get("/_test/clock")).json()["offset"]
         r = await c.post("/_test/clock", json={"advance": 90})
         assert r.status_code == 200 and r.json()["offset"] == before + 90
-    for env in ("development", "production"):
-        async with running(with_(settings, app_env=env)) as server, server.client() as c:
+    for changed in (with_(settings, app_env="development"), production(settings)):
+        async with running(changed) as server, server.client(base_url=PUBLIC_ORIGIN) as c:
             assert (await c.post("/_test/clock", json={"advance": 90})).status_code in (404, 405)
             assert (await c.get("/_test/clock")).status_code == 404
 
@@ -234,7 +237,7 @@ async def test_legacy_customer_signs_in_after_upgrade_and_otp_enable(
                 conn.commit()
         out = subprocess.run([sys.executable, "-m", "app", "otp", "enable", "--email", "alice@example.com"],
                              env=env, capture_output=True, text=True, cwd=ROOT, check=True)
-        assert "OTP enabled for 1 customer(s)" in out.stdout
+        assert "Sign-in codes on for alice@example.com: 1 changed" in out.stdout
         missing = subprocess.run([sys.executable, "-m", "app", "otp", "enable", "--email", "nobody@example.com"],
                                  env=env, capture_output=True, text=True, cwd=ROOT)
         assert missing.returncode == 1 and "No customer" in missing.stderr
@@ -251,7 +254,7 @@ async def test_legacy_customer_signs_in_after_upgrade_and_otp_enable(
             assert all(h.startswith("$argon2id$") for h in hashes)
         out = subprocess.run([sys.executable, "-m", "app", "otp", "enable", "--all"],
                              env=env, capture_output=True, text=True, cwd=ROOT, check=True)
-        assert "OTP enabled for 1 customer(s) (every customer)" in out.stdout
+        assert "Sign-in codes on for every customer" in out.stdout
 
 
 def test_otp_cleanup_and_migrate_commands(tmp_path: Path) -> None:
@@ -389,7 +392,7 @@ async def test_startup_compiles_every_statement_and_template_before_the_first_re
 async def test_loop_monitor_reports_a_stall_in_the_period_it_happened(caplog: pytest.LogCaptureFixture) -> None:
     import gc
 
-    from app.main import loop_monitor
+    from app.web.loop_monitor import loop_monitor
 
     task = asyncio.create_task(loop_monitor(interval=0.005, period=0.2))
     await asyncio.sleep(0.25)
@@ -412,3 +415,159 @@ async def test_loop_monitor_reports_a_stall_in_the_period_it_happened(caplog: py
     assert max(gcs) > 2 and min(gcs) < max(gcs) / 2  # the collection shows in its own period only
     assert all(float(v["steal_ms"]) >= 0 for v in lines)  # the hypervisor's share, on Linux
     assert gc.callbacks == [cb for cb in gc.callbacks if "loop_monitor" not in getattr(cb, "__qualname__", "")]
+
+
+# --- review fixes (issue 14) -------------------------------------------------------------
+
+
+async def test_405_names_the_methods_the_path_takes(client: httpx.AsyncClient) -> None:
+    r = await client.put("/login")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+    r = await client.delete("/verify/resend")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_only_connection_failures_count_as_the_database_being_down() -> None:
+    from app.database import is_missing_schema, is_unavailable
+
+    down = [pymysql.err.OperationalError(2003, "Can't connect"), pymysql.err.OperationalError(2013, "Lost"),
+            pymysql.err.InterfaceError(0, ""), ConnectionRefusedError(), ConnectionResetError(),
+            sqlite3.OperationalError("unable to open database file"), sqlite3.OperationalError("database is locked")]
+    not_down = [TimeoutError(), OSError(28, "No space left on device"), ValueError("x"),
+                pymysql.err.OperationalError(1213, "Deadlock"), pymysql.err.ProgrammingError(1146, "no table"),
+                sqlite3.OperationalError("no such table: customers")]
+    assert all(is_unavailable(e) for e in down), [e for e in down if not is_unavailable(e)]
+    assert not any(is_unavailable(e) for e in not_down), [e for e in not_down if is_unavailable(e)]
+    assert is_missing_schema(sqlite3.OperationalError("no such column: customers.source"))
+    assert is_missing_schema(pymysql.err.OperationalError(1054, "Unknown column"))
+    assert is_missing_schema(pymysql.err.ProgrammingError(1146, "Table doesn't exist"))
+
+
+def _one_migration_behind(backend: str, tmp_path: Path) -> str:
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'behind.db'}"
+    else:
+        url = mysql_url(create_mysql_database("shop_behind"))
+    migrate(url, "0001")
+    return url
+
+
+async def test_a_missing_column_is_a_500_whose_log_says_to_migrate(
+    backend: str, tmp_path: Path, settings: Settings, clock: FixedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _one_migration_behind(backend, tmp_path)
+    try:
+        async with running(with_(settings, database_url=url), clock) as server, server.client() as c:
+            r = await login(c, "jane@example.com", "Whatever-123")
+            assert r.status_code == 500 and "Something went wrong" in r.text and "Retry-After" not in r.headers
+        assert "python -m app migrate" in caplog.text
+    finally:
+        if backend == "mysql":
+            drop_mysql_database(url.rsplit("/", 1)[1])
+
+
+async def test_production_refuses_to_start_while_migrations_are_pending(
+    backend: str, tmp_path: Path, settings: Settings, clock: FixedClock
+) -> None:
+    from app.settings import SettingsError
+
+    url = _one_migration_behind(backend, tmp_path)
+    try:
+        with pytest.raises(SettingsError, match="0002.*python -m app migrate"):
+            async with running(production(settings, database_url=url), clock):
+                pass
+        migrate(url)
+        async with running(production(settings, database_url=url), clock) as server:
+            async with server.client(base_url=PUBLIC_ORIGIN) as c:
+                assert (await c.get("/healthz")).status_code == 200
+    finally:
+        if backend == "mysql":
+            drop_mysql_database(url.rsplit("/", 1)[1])
+
+
+async def test_trailing_slash_redirect_is_relative_whatever_the_host_header(client: httpx.AsyncClient) -> None:
+    r = await client.get("/login/?next=1", headers={"Host": "evil.example"})
+    assert r.status_code == 308 and r.headers["location"] == "/login?next=1"
+    assert (await client.get("/nowhere/")).status_code == 404
+
+
+async def test_a_client_that_goes_away_mid_form_is_one_line_not_a_traceback(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    async with server.client() as c:
+        token = await get_csrf(c, "/login")
+        cookie = f"session={c.cookies['session']}".encode()
+    sent: list[dict[str, object]] = []
+    parts = [{"type": "http.request", "body": f"csrf_token={token}&login=ja".encode(), "more_body": True},
+             {"type": "http.disconnect"}]
+
+    async def receive() -> dict[str, object]:
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/login", "raw_path": b"/login", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/x-www-form-urlencoded"),
+                         (b"content-length", b"200"), (b"cookie", cookie)],
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}
+    await server(scope, receive, send)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    lines = [r for r in caplog.records if "disconnected" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+
+
+async def test_otp_enable_finds_mixed_case_addresses_and_says_when_no_one_matches(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"
+    env = {**os.environ, "DATABASE_URL": url, "APP_ENV": "test", "SECRET_KEY": "k" * 40}
+
+    def app_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True, text=True, cwd=ROOT)
+
+    assert app_cli("migrate").returncode == 0
+    empty = app_cli("otp", "enable", "--all")
+    assert empty.returncode == 1 and "no customers" in empty.stderr.lower()
+    conn = sqlite3.connect(tmp_path / "cli.db")
+    conn.execute("INSERT INTO customers (email, password_hash, otp_enabled) VALUES ('Alice@Example.COM', 'x', 0)")
+    conn.commit()
+    on = app_cli("otp", "enable", "--email", "alice@example.com")
+    assert on.returncode == 0 and "1 changed" in on.stdout, on.stdout + on.stderr
+    assert conn.execute("SELECT otp_enabled FROM customers").fetchone()[0] == 1
+    again = app_cli("otp", "enable", "--email", "ALICE@example.com")
+    assert again.returncode == 0 and "0 changed, 1 already on" in again.stdout
+    nobody = app_cli("otp", "disable", "--email", "nobody@example.com")
+    assert nobody.returncode == 1 and "No customer has the email nobody@example.com" in nobody.stderr
+    off = app_cli("otp", "disable", "--all")
+    assert off.returncode == 0 and conn.execute("SELECT otp_enabled FROM customers").fetchone()[0] == 0
+    conn.close()
+
+
+async def test_registration_never_rewrites_a_migrated_shop_customer(
+    backend: str, tmp_path: Path, settings: Settings, smtp: Capture, clock: FixedClock
+) -> None:
+    """A row from the shop's own table is a customer, not an abandoned sign-up: a stranger
+    registering its address changes nothing, and (codes off) its owner signs in with the
+    password alone."""
+    from werkzeug.security import generate_password_hash
+
+    with legacy_database(backend, tmp_path) as (url, query):
+        migrate(url)
+        legacy_hash = generate_password_hash(PASSWORD, method="pbkdf2:sha256:1000")
+        before = query("SELECT id, username, full_name, email_verified_at FROM customers WHERE id = 1")  # type: ignore[operator]
+        async with running(with_(settings, database_url=url), clock) as server:
+            await server.services.db.execute(customers.update().values(password_hash=legacy_hash))
+            async with server.client() as stranger:
+                r = await register(stranger, username="mallory", email="alice@example.com",
+                                   password="Mallorys-Pass-99")
+                assert r.status_code == 303
+            (notice,) = await wait_mail(smtp, "alice@example.com")
+            assert "already" in notice["Subject"]
+            assert query("SELECT id, username, full_name, email_verified_at FROM customers WHERE id = 1") == before  # type: ignore[operator]
+            async with server.client() as alice:
+                assert (await login(alice, "alice@example.com")).headers["location"] == "/dashboard"
+            async with server.client() as mallory:
+                assert (await login(mallory, "alice@example.com", "Mallorys-Pass-99")).status_code == 422

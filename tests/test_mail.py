@@ -14,19 +14,22 @@ import sqlalchemy as sa
 
 from app.clock import FixedClock, SystemClock
 from app.mail import outbox
-from app.mail.dispatcher import Dispatcher, backoff
+from app.mail.dispatcher import Dispatcher, backoff, claim_seconds
 from app.mail.messages import build
+from app.mail.outbox import MailStatus
 from app.mail.transport import ConsoleTransport, SmtpTransport
 from app.settings import Settings
 from app.tables import mail_outbox
 from tests.conftest import (
     CODE_LINE,
+    PUBLIC_ORIGIN,
     Capture,
     Running,
     code_in,
     free_port,
     get_csrf,
     html_of,
+    production,
     register,
     running,
     start_capture,
@@ -36,6 +39,7 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.anyio
+CLAIM = claim_seconds(10)  # SMTP_TIMEOUT's default
 
 
 async def outbox_row_when(svc: Any, ready: Callable[[Any], bool], timeout: float = 4.0) -> Any:
@@ -185,14 +189,14 @@ async def test_mail_queued_claimed_is_left_to_its_process_until_the_claim_runs_o
 ) -> None:
     svc = server.services
     queued = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="c@example.com", now=clock.now(),
-                                  context={"name": "x", "code": "123456", "minutes": 10}, claim=True)
+                                  context={"name": "x", "code": "123456", "minutes": 10}, claim_for=CLAIM)
     assert queued.tries == 1  # the first try is counted at queueing
-    assert await outbox.due(svc.db, svc.sealer, now=clock.now(), limit=10) == []
+    assert (await outbox.due(svc.db, svc.sealer, now=clock.now(), limit=10)).ready == []
     # The process that claimed it died: once the claim runs out, any dispatcher may send it.
-    later = clock.now() + timedelta(seconds=outbox.CLAIM_SECONDS + 1)
-    (again,) = await outbox.due(svc.db, svc.sealer, now=later, limit=10)
+    later = clock.now() + timedelta(seconds=CLAIM + 1)
+    (again,) = (await outbox.due(svc.db, svc.sealer, now=later, limit=10)).ready
     assert again.id == queued.id and again.context["code"] == "123456"
-    assert await outbox.claim(svc.db, again, now=later)
+    assert await outbox.claim(svc.db, again, now=later, claim_for=CLAIM)
 
 
 async def test_sends_concurrently_over_a_bounded_pool(settings: Settings, smtp: Capture) -> None:
@@ -216,7 +220,7 @@ async def test_production_with_server_down_logs_no_code(settings: Settings, cloc
                                                         capsys: pytest.CaptureFixture[str],
                                                         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    prod = with_(settings, app_env="production", smtp_port=free_port())
+    prod = production(settings, smtp_port=free_port())
     async with running(prod, clock) as server:
         svc = server.services
         await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="x@example.com", now=clock.now(),
@@ -246,7 +250,7 @@ def test_production_never_uses_console_delivery() -> None:
 async def test_dev_inbox_exists_only_in_development(settings: Settings, clock: FixedClock, smtp: Capture) -> None:
     async with running(settings, clock) as test_mode, test_mode.client() as c:
         assert (await c.get("/dev/mail")).status_code == 404
-    async with running(with_(settings, app_env="production"), clock) as prod, prod.client() as c:
+    async with running(production(settings), clock) as prod, prod.client(base_url=PUBLIC_ORIGIN) as c:
         assert (await c.get("/dev/mail")).status_code == 404
     dev = with_(settings, app_env="development", smtp_host=None)
     async with running(dev, clock) as server, server.client() as c:
@@ -262,7 +266,7 @@ async def test_dev_inbox_exists_only_in_development(settings: Settings, clock: F
         assert "script" not in frame.headers["content-security-policy"]
 
 
-async def test_delivery_state_fragment_polls_until_final(server: Running, smtp: Capture) -> None:
+async def test_delivery_state_fragment_polls_until_final(server: Running, smtp: Capture, clock: FixedClock) -> None:
     smtp.delay = 1.0
     async with server.client() as c:
         await register(c)
@@ -270,6 +274,7 @@ async def test_delivery_state_fragment_polls_until_final(server: Running, smtp: 
         assert "Sending your code" in r.text and 'hx-trigger="load delay:1s"' in r.text
         await wait_mail(smtp, "jane@example.com")
         await asyncio.sleep(0.05)
+        clock.advance(2)  # past the first moments, where every step reads "Sending"
         r = await c.get("/verify/delivery", headers={"HX-Request": "true"})
         assert "Email sent" in r.text and "hx-get" not in r.text
 
@@ -298,14 +303,14 @@ async def test_cleanup_wipes_the_payload_of_mail_whose_code_expired_unsent(
     ctx = {"name": "x", "code": "123456", "minutes": 10}
     expires = clock.now() + timedelta(minutes=10)
     stuck = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="stuck@example.com",
-                                 now=clock.now(), context=ctx, expires_at=expires, claim=True)  # its process died
+                                 now=clock.now(), context=ctx, expires_at=expires, claim_for=CLAIM)  # its process died
     kept = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="kept@example.com",
-                                now=clock.now(), context=ctx, expires_at=expires, claim=True)
-    await outbox.mark(svc.db, kept.id, outbox.SENT, now=clock.now(), keep_sent=True)
+                                now=clock.now(), context=ctx, expires_at=expires, claim_for=CLAIM)
+    await outbox.mark(svc.db, kept.id, MailStatus.SENT, now=clock.now(), keep_sent=True)
     # Queued for a retry later than its code lives (the dispatcher leaves it alone until then).
     retry = await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="retry@example.com",
-                                 now=clock.now(), context=ctx, expires_at=expires, claim=True)
-    await outbox.mark(svc.db, retry.id, outbox.QUEUED, now=clock.now(), error="421 try later",
+                                 now=clock.now(), context=ctx, expires_at=expires, claim_for=CLAIM)
+    await outbox.mark(svc.db, retry.id, MailStatus.QUEUED, now=clock.now(), error="421 try later",
                       retry_at=clock.now() + timedelta(hours=1))
 
     async def payloads() -> dict[int, bool]:

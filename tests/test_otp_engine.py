@@ -228,6 +228,7 @@ async def test_lockout_grows_progressively_and_success_resets_it(server: Running
     assert ch is not None
     ok = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=ch, code=issued.code)
     assert ok.status == "verified"
+    await engine.succeeded(svc.db, customer_id, clock.now())
     row = await svc.db.fetch_one(sa.select(customers))
     assert row.otp_attempts == 0 and row.otp_lockouts == 0 and row.otp_locked_until is None
 
@@ -260,10 +261,10 @@ async def test_a_right_code_ends_every_other_open_code_of_the_customer_and_only_
     svc = server.services
     customer_id, issued = await _login_code(server, smtp, clock, "n")
     decoy = await engine.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
-                                  purpose=Purpose.REGISTRATION, nonce="d", sent_to="x", kind=engine.DECOY)
+                                  purpose=Purpose.REGISTRATION, nonce="d", sent_to="x", kind=engine.Kind.DECOY)
     placeholder = await engine.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
                                         customer_id=customer_id, purpose=Purpose.LOGIN, nonce="p", sent_to="x",
-                                        kind=engine.PLACEHOLDER)
+                                        kind=engine.Kind.PLACEHOLDER)
     other = await queries.create_customer(svc.db, username="otto", email="otto@example.com", full_name="Otto",
                                           password_hash="x", now=clock.now())
     others_code = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=other,
@@ -272,13 +273,14 @@ async def test_a_right_code_ends_every_other_open_code_of_the_customer_and_only_
     if path == "use_code":
         assert await engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
                                      challenge_id=issued.challenge_id, nonce="n", customer_id=customer_id,
-                                     code=issued.code)
+                                     purpose=Purpose.LOGIN, code=issued.code)
     else:
         ch = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id, nonce="n")
         assert ch is not None
         verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=ch,
                                       code=issued.code)
         assert verdict.status == "verified"
+    await engine.succeeded(svc.db, customer_id, clock.now())  # what the caller finishes a right code with
     assert not await _open(svc, decoy) and not await _open(svc, placeholder)
     assert await _open(svc, others_code.challenge_id)
     used = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == issued.challenge_id))
@@ -292,9 +294,11 @@ async def test_sign_out_everywhere_and_a_right_code_at_once_never_deadlock(
 ) -> None:
     """Both lock the customer row and the customer's codes. The failure reset takes them in
     the same order as sign-out everywhere; the right-code UPDATE cannot (it locks its code row,
-    then reads the customer row), and when MariaDB aborts it to break a deadlock it is tried
-    again. Without either, some of these rounds answer a deadlock error (a 503)."""
+    then reads the customer row), and when MariaDB aborts its transaction to break a deadlock
+    the transaction is run again. Without either, some of these rounds answer a deadlock error
+    (a 503)."""
     from app.auth import queries
+    from app.database import transact
 
     svc = server.services
     customer_id, _ = await _login_code(server, smtp, clock, "n")
@@ -303,13 +307,19 @@ async def test_sign_out_everywhere_and_a_right_code_at_once_never_deadlock(
         issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
                                     customer_id=customer_id, purpose=Purpose.LOGIN, nonce=f"r{round_}", sent_to="x")
         # A decoy and a placeholder as well: more open rows for both to lock.
-        for kind in (engine.DECOY, engine.PLACEHOLDER):
+        for kind in (engine.Kind.DECOY, engine.Kind.PLACEHOLDER):
             await engine.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
                                   purpose=Purpose.LOGIN, nonce=f"{kind}{round_}", sent_to="x", kind=kind)
 
-        right_code = engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
-                                     challenge_id=issued.challenge_id, nonce=f"r{round_}", customer_id=customer_id,
-                                     code=issued.code)
+        async def use(issued: engine.Issued = issued, nonce: str = f"r{round_}") -> bool:
+            if not await engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                         challenge_id=issued.challenge_id, nonce=nonce, customer_id=customer_id,
+                                         purpose=Purpose.LOGIN, code=issued.code):
+                return False
+            await engine.succeeded(svc.db, customer_id, clock.now())
+            return True
+
+        right_code = transact(svc.db, use)
         results = await asyncio.gather(right_code, queries.revoke_all(svc.db, customer_id, clock.now()),
                                        return_exceptions=True)
         assert not any(isinstance(r, BaseException) for r in results), results
@@ -338,7 +348,7 @@ async def test_sign_in_fast_path_refuses_a_right_code_while_the_customer_is_lock
     customer_id, issued = await _login_code(server, smtp, clock, "n")
     await svc.db.execute(customers.update().values(otp_locked_until=clock.now() + timedelta(seconds=60)))
     use = {"keys": svc.keys, "policy": svc.policy, "challenge_id": issued.challenge_id, "nonce": "n",
-               "customer_id": customer_id, "code": issued.code}
+           "customer_id": customer_id, "purpose": Purpose.LOGIN, "code": issued.code}
     assert not await engine.use_code(svc.db, now=clock.now(), **use)
     assert await svc.db.fetch_val(sa.select(otp_verification.c.used_at)) is None
     clock.advance(61)
@@ -351,7 +361,7 @@ async def test_sign_in_fast_path_refuses_a_right_code_bound_to_another_pending_s
     svc = server.services
     customer_id, issued = await _login_code(server, smtp, clock, "mine")
     use = {"keys": svc.keys, "policy": svc.policy, "now": clock.now(), "challenge_id": issued.challenge_id,
-               "customer_id": customer_id, "code": issued.code}
+           "customer_id": customer_id, "purpose": Purpose.LOGIN, "code": issued.code}
     assert not await engine.use_code(svc.db, nonce="someone-else", **use)
     wrong = "000000" if issued.code != "000000" else "111111"
     assert not await engine.use_code(svc.db, nonce="mine", **{**use, "code": wrong})

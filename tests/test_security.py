@@ -21,6 +21,7 @@ from tests.conftest import (
     code_in,
     get_csrf,
     login,
+    production,
     redis_url_or_skip,
     register,
     registered,
@@ -91,7 +92,7 @@ async def test_cookie_is_httponly_samesite_lax_without_domain(client: httpx.Asyn
 
 
 async def test_production_cookie_is_secure_with_host_prefix(settings: Settings, clock: FixedClock) -> None:
-    prod = with_(settings, app_env="production")
+    prod = production(settings)
     async with running(prod, clock) as server, server.client(base_url="https://shop.example") as c:
         r = await c.get("/login")
         cookie = r.headers["set-cookie"]
@@ -104,11 +105,12 @@ async def test_cookie_holds_ids_only(server: Running, smtp: Capture) -> None:
     async with server.client() as c:
         await register(c)
         pending = cookie_payload(c)
-        assert set(pending) == {"csrf", "pending"} and set(pending["pending"]) == {"c", "n"}  # type: ignore[arg-type]
+        assert set(pending) == {"csrf", "pending"}
+        assert set(pending["pending"]) == {"challenge", "nonce", "purpose"}  # type: ignore[arg-type]
         code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
         await submit_code(c, code)
         signed = cookie_payload(c)
-        assert set(signed) == {"csrf", "sid", "cid", "at"} and isinstance(signed["cid"], int)
+        assert set(signed) == {"csrf", "session", "customer", "auth_time"} and isinstance(signed["customer"], int)
         text = json.dumps(pending) + json.dumps(signed)
         assert "jane" not in text and "example.com" not in text and code not in text
 
@@ -246,7 +248,7 @@ async def test_security_headers_on_pages_fragments_and_errors(client: httpx.Asyn
 async def test_security_headers_keep_what_a_response_set_and_never_repeat_one() -> None:
     from starlette.types import Message, Receive, Scope, Send
 
-    from app.security import SecurityHeadersMiddleware
+    from app.security.headers import SecurityHeadersMiddleware
 
     async def inner(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -432,7 +434,7 @@ async def test_production_logs_never_hold_code_password_or_cookie_even_at_debug(
     old_level = root.level
     root.setLevel(logging.DEBUG)
     try:
-        prod = with_(settings, app_env="production")
+        prod = production(settings)
         async with running(prod, clock) as server, server.client(base_url="https://shop.example") as c:
             await register(c)
             code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
@@ -519,3 +521,144 @@ async def test_signed_in_pages_never_read_the_password_hash(server: Running, smt
         now = server.state["clock"].now()
         loaded = await queries.load_session(server.services.db, session_hash=sid, now=now, idle=1800, absolute=43200)
         assert loaded is not None and loaded[1].email == "jane@example.com" and loaded[1].password_hash == ""
+
+
+# --- review fixes (issue 14) -------------------------------------------------------------
+
+
+async def test_session_cookie_ends_when_the_browser_closes(server: Running, smtp: Capture) -> None:
+    """No Max-Age or Expires on any cookie of a sign-up: a shared computer forgets the session
+    with the browser, while the server enforces the idle and absolute timeouts."""
+    async with server.client() as c:
+        headers = []
+        r = await c.get("/register")
+        headers += r.headers.get_list("set-cookie")
+        r = await register(c)
+        headers += r.headers.get_list("set-cookie")
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        r = await submit_code(c, code)
+        headers += r.headers.get_list("set-cookie")
+    assert len(headers) >= 3
+    for header in headers:
+        assert "max-age" not in header.lower() and "expires" not in header.lower(), header
+
+
+async def test_per_address_limit_frees_up_as_the_app_clock_moves(settings: Settings, clock: FixedClock) -> None:
+    async with running(with_(settings, rate_limit="3/minute"), clock) as server, server.client() as c:
+        token = await get_csrf(c, "/login")
+        statuses = [(await c.post("/login", data={"csrf_token": token, "login": "x", "password": "y"})).status_code
+                    for _ in range(4)]
+        assert statuses == [422, 422, 422, 429]
+        clock.advance(61)  # no real waiting: the window is the app's time
+        r = await c.post("/login", data={"csrf_token": token, "login": "x", "password": "y"})
+        assert r.status_code == 422
+
+
+async def test_secret_key_fallbacks_keep_sessions_and_nothing_else(settings: Settings, clock: FixedClock,
+                                                                 smtp: Capture) -> None:
+    """SECURITY.md 34: after a rotation the old key still opens sessions (and queued mail, see
+    test_mail); a cookie signed with a key that is in neither place opens nothing."""
+    import secrets
+
+    old_key = settings.secret_key
+    async with running(settings, clock) as server, server.client() as c:
+        await registered(c, smtp)
+        cookie = c.cookies["session"]
+    rotated = with_(settings, secret_key=secrets.token_urlsafe(48), secret_key_fallbacks=(old_key,))
+    async with running(rotated, clock) as server, server.client(cookies={"session": cookie}) as c:
+        page = await c.get("/dashboard")
+        assert page.status_code == 200 and "Hello, Jane Doe" in page.text
+        assert c.cookies["session"] == cookie, "nothing changed: the cookie is not re-signed"
+    forgotten = with_(settings, secret_key=secrets.token_urlsafe(48))
+    async with running(forgotten, clock) as server, server.client(cookies={"session": cookie}) as c:
+        assert (await c.get("/dashboard")).headers["location"] == "/login"
+
+
+async def test_production_sends_plain_http_to_the_public_origin(settings: Settings, clock: FixedClock) -> None:
+    """SECURITY.md 24: HTTPS only in production. A request that reached us as http (directly, or
+    as a trusted proxy says with X-Forwarded-Proto) goes to the same path on PUBLIC_ORIGIN; an
+    X-Forwarded-Proto from anyone else is not believed."""
+    import ipaddress
+
+    behind = production(settings, trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
+    async with running(behind, clock) as server:
+        async with server.client(base_url="http://shop.example") as c:
+            r = await c.get("/login?x=1")
+            assert r.status_code == 308 and r.headers["location"] == "https://shop.example/login?x=1"
+            r = await c.post("/login", data={"login": "x"})
+            assert r.status_code == 308 and r.headers["location"] == "https://shop.example/login"
+        proxied = httpx.ASGITransport(app=server, client=("10.1.2.3", 4000))
+        async with httpx.AsyncClient(transport=proxied, base_url="http://shop.example") as c:
+            r = await c.get("/login", headers={"X-Forwarded-Proto": "http", "X-Forwarded-For": "203.0.113.9"})
+            assert r.status_code == 308 and r.headers["location"] == "https://shop.example/login"
+            r = await c.get("/login", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"})
+            assert r.status_code == 200
+            hsts = r.headers["strict-transport-security"]
+            assert int(hsts.split("=")[1].split(";")[0]) >= 31536000
+        stranger = httpx.ASGITransport(app=server, client=("203.0.113.5", 4000))
+        async with httpx.AsyncClient(transport=stranger, base_url="http://shop.example") as c:
+            r = await c.get("/login", headers={"X-Forwarded-Proto": "https"})
+            assert r.status_code == 308, "only a trusted proxy may say the request came over HTTPS"
+        async with server.client(base_url="https://shop.example") as c:
+            assert (await c.get("/login")).status_code == 200
+
+
+def test_production_needs_an_https_public_origin() -> None:
+    with pytest.raises(SettingsError, match="PUBLIC_ORIGIN"):
+        Settings(app_env="production", secret_key="k" * 40, smtp_host="smtp.example")
+    with pytest.raises(SettingsError, match="PUBLIC_ORIGIN"):
+        Settings(app_env="production", secret_key="k" * 40, smtp_host="smtp.example",
+                 public_origin="http://shop.example")
+    with pytest.raises(SettingsError, match="scheme and host only"):
+        Settings(app_env="test", secret_key="k" * 40, public_origin="https://shop.example/path")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_uvicorn_started_directly_believes_no_forwarded_for(tmp_path: object, workers: int) -> None:
+    """`uvicorn app.main:app` with uvicorn's defaults (proxy headers on, 127.0.0.1 trusted) and
+    TRUSTED_PROXIES unset: a client behind a local proxy cannot pick its own address, neither
+    to dodge the per-address limit nor to forge the audit log."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from app.database import migrate
+    from tests.conftest import ROOT, free_port
+    from tests.faults import OwnRedis
+
+    path = Path(str(tmp_path)) / "uvicorn.db"
+    migrate(f"sqlite+aiosqlite:///{path}")
+    shared = OwnRedis(Path(str(tmp_path)))  # the workers' limits, in a Redis of this test's own
+    shared.start()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRUSTED_PROXIES", "FORWARDED_ALLOW_IPS"))}
+    env.update(APP_ENV="test", DATABASE_URL=f"sqlite+aiosqlite:///{path}", SECRET_KEY="k" * 40,
+               RATE_LIMIT="3/minute", LOGIN_ACCOUNT_RATE_LIMIT="100/minute", RATE_LIMIT_STORAGE=shared.url,
+               OTP_CLEANUP_INTERVAL="3600")
+    log = (Path(str(tmp_path)) / "uvicorn.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port),
+                             "--workers", str(workers)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        with httpx.Client(base_url=base) as c:
+            token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)  # type: ignore[union-attr]
+            statuses = [c.post("/login", data={"csrf_token": token, "login": "x", "password": "y"},
+                               headers={"X-Forwarded-For": f"198.18.0.{i}"}).status_code for i in range(5)]
+        assert statuses == [422, 422, 422, 429, 429], statuses
+        with sqlite3.connect(path) as conn:
+            addresses = {row[0] for row in conn.execute("SELECT ip FROM auth_events")}
+        assert addresses == {"127.0.0.1"}, addresses
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shared.close()

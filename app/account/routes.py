@@ -7,10 +7,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.auth import queries, sessions
-from app.auth.routes import one_connection
 from app.htmx import redirect
-from app.services import services
 from app.templating import render
+from app.web.guards import one_connection
+from app.web.request import services
 
 
 @one_connection

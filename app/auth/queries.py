@@ -13,6 +13,8 @@ from app import sql
 from app.database import transact
 from app.tables import auth_events, auth_sessions, customers, otp_verification
 
+SIGNUP, SHOP = "signup", "shop"  # customers.source: this app's registration, or the shop's own rows
+
 
 @dataclass(frozen=True)
 class Customer:
@@ -24,6 +26,7 @@ class Customer:
     email_verified_at: datetime | None
     otp_enabled: bool
     session_version: int
+    source: str = SHOP
 
 
 _COLS = (
@@ -35,6 +38,7 @@ _COLS = (
     customers.c.email_verified_at,
     customers.c.otp_enabled,
     customers.c.session_version,
+    customers.c.source,
 )
 
 
@@ -50,6 +54,7 @@ def _customer(rec: Any) -> Customer | None:
         email_verified_at=rec.email_verified_at,
         otp_enabled=bool(rec.otp_enabled),
         session_version=rec.session_version,
+        source=rec.source,
     )
 
 
@@ -87,7 +92,7 @@ async def find_conflict(db: Database, *, email: str, username: str) -> tuple[Cus
 
 
 _CREATE = sql.Query(
-    customers.insert().values(otp_enabled=True, otp_attempts=0, otp_lockouts=0, session_version=0),
+    customers.insert().values(otp_enabled=True, otp_attempts=0, otp_lockouts=0, session_version=0, source=SIGNUP),
     columns=("username", "email", "full_name", "password_hash", "created_at"),
 )
 
@@ -95,34 +100,29 @@ _CREATE = sql.Query(
 async def create_customer(
     db: Database, *, username: str, email: str, full_name: str, password_hash: str, now: datetime
 ) -> int:
-    """Insert a customer with OTP on and the email unverified."""
+    """Insert a sign-up: OTP on, the email unverified."""
     return await sql.insert(db, _CREATE, username=username, email=email, full_name=full_name,
                             password_hash=password_hash, created_at=now)
 
 
-_RESET_UNVERIFIED = sql.Query(
+_APPLY_CLAIM = sql.Query(
     customers.update()
-    .where(customers.c.id == sa.bindparam("cid"), customers.c.email_verified_at.is_(None))
+    .where(customers.c.id == sa.bindparam("cid"), customers.c.source == SIGNUP,
+           customers.c.email_verified_at.is_(None))
     .values(username=sa.bindparam("new_username"), full_name=sa.bindparam("new_full_name"),
-            password_hash=sa.bindparam("new_hash"), session_version=customers.c.session_version + 1)
+            password_hash=sa.bindparam("new_hash"))
 )
 
 
-async def reset_unverified(
-    db: Database, customer_id: int, *, username: str, full_name: str, password_hash: str
-) -> bool:
-    """Start an account whose email was never verified over with new details."""
-    return bool(await sql.execute(db, _RESET_UNVERIFIED, cid=customer_id, new_username=username,
+async def apply_claim(db: Database, customer_id: int, *, username: str, full_name: str, password_hash: str) -> bool:
+    """A registration's details replace an unconfirmed sign-up's, once its code was entered
+    (run before the address is marked verified). Never a shop customer's row."""
+    return bool(await sql.execute(db, _APPLY_CLAIM, cid=customer_id, new_username=username,
                                   new_full_name=full_name, new_hash=password_hash))
 
 
 _SET_HASH = sql.Query(
     customers.update().where(customers.c.id == sa.bindparam("cid")).values(password_hash=sa.bindparam("new_hash"))
-)
-_MARK_VERIFIED = sql.Query(
-    customers.update()
-    .where(customers.c.id == sa.bindparam("cid"), customers.c.email_verified_at.is_(None))
-    .values(email_verified_at=sa.bindparam("now"))
 )
 
 
@@ -130,16 +130,31 @@ async def set_password_hash(db: Database, customer_id: int, password_hash: str) 
     await sql.execute(db, _SET_HASH, cid=customer_id, new_hash=password_hash)
 
 
-async def mark_verified(db: Database, customer_id: int, now: datetime) -> None:
-    await sql.execute(db, _MARK_VERIFIED, cid=customer_id, now=now)
+_SET_OTP_ALL = {
+    enabled: sql.Query(customers.update().where(customers.c.otp_enabled == (not enabled)).values(otp_enabled=enabled))
+    for enabled in (True, False)
+}
+_COUNT_ALL = sql.Query(sa.select(sa.func.count()).select_from(customers))
 
 
-async def set_otp(db: Database, *, enabled: bool, email: str | None = None) -> int:
-    """Turn OTP on or off for one customer (by email) or all; returns how many changed."""
-    query = customers.update().where(customers.c.otp_enabled == (not enabled))
-    if email is not None:
-        query = query.where(customers.c.email == email.lower())
-    return await sql.execute(db, sql.Query(query.values(otp_enabled=enabled)))
+async def set_otp(db: Database, *, enabled: bool, email: str | None = None) -> tuple[int, int]:
+    """Turn OTP on or off for one customer (by email, ignoring case) or all.
+    Returns (customers matched, customers changed)."""
+    if email is None:
+        matched = int(await sql.fetch_val(db, _COUNT_ALL) or 0)
+        return matched, await sql.execute(db, _SET_OTP_ALL[enabled])
+    customer = await _by(db, "email", email)
+    if customer is None:
+        return 0, 0
+    changed = await sql.execute(db, _SET_OTP_ONE, cid=customer.id, enabled=enabled)
+    return 1, changed
+
+
+_SET_OTP_ONE = sql.Query(
+    customers.update()
+    .where(customers.c.id == sa.bindparam("cid"), customers.c.otp_enabled != sa.bindparam("enabled"))
+    .values(otp_enabled=sa.bindparam("enabled"))
+)
 
 
 # --- signed-in sessions ------------------------------------------------------------------

@@ -10,8 +10,8 @@ from app.clock import ShiftedClock
 from app.mail import outbox
 from app.mail.messages import SUBJECTS
 from app.mail.messages import render as render_mail
-from app.services import services
 from app.templating import render
+from app.web.request import services
 
 
 def _local(request: Request) -> bool:

@@ -1,5 +1,10 @@
 """Sends queued mail in the background of each app process: claims, sends concurrently over
-the transport's pool, retries transient failures with backoff, never sends an expired code."""
+the transport's pool, retries transient failures with backoff, never sends an expired code.
+
+What an operator must see is logged at WARNING or above: a transient SMTP failure, a message
+taken over from a process that stopped mid-send, a payload no key opens; ERROR when a message
+is given up, or when the fact that it was sent could not be recorded.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,28 @@ from databases import Database
 from app.clock import Clock
 from app.mail import outbox
 from app.mail.messages import build
+from app.mail.outbox import MailStatus
 from app.mail.transport import ConsoleTransport, PermanentError, TransientError, Transport
+from app.security.crypto import Sealer
 
 log = logging.getLogger("app.mail")
 POLL_SECONDS = 1.0  # idle
 BUSY_POLL_SECONDS = 0.2  # for a while after mail went out: another worker may have queued some
 BUSY_FOR_SECONDS = 10.0
+CODE_BACKOFF_CAP = 10  # seconds: a customer is waiting for a code mail
+MARK_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
 
 
-def backoff(tries: int) -> int:
-    """Seconds before try number tries+1: 2, 4, 8, ... at most 5 minutes."""
-    return int(min(300, 2**tries))
+def backoff(tries: int, *, code: bool = False) -> int:
+    """Seconds before try number tries+1: 2, 4, 8, ... at most 5 minutes, and at most
+    CODE_BACKOFF_CAP for a code mail (someone is waiting at the code step)."""
+    return int(min(CODE_BACKOFF_CAP if code else 300, 2**tries))
+
+
+def claim_seconds(smtp_timeout: float) -> float:
+    """How long a claim on a message lasts: a send is cut off after 2 x SMTP_TIMEOUT, so three
+    cover it; only then may another process take over (this one stopped)."""
+    return 3 * smtp_timeout
 
 
 class Dispatcher:
@@ -32,12 +48,13 @@ class Dispatcher:
         self,
         db: Database,
         transport: Transport,
-        sealer: outbox.Sealer,
+        sealer: Sealer,
         clock: Clock,
         *,
         sender: str,
         max_tries: int = 8,
         concurrency: int = 8,
+        smtp_timeout: float = 10.0,
         console_fallback: bool = False,
         keep_sent: bool = False,
         on_event: Callable[[str, outbox.Queued, str | None], None] | None = None,
@@ -45,6 +62,8 @@ class Dispatcher:
         self.db, self.transport, self.sealer, self.clock = db, transport, sealer, clock
         self.sender, self.max_tries = sender, max_tries
         self.concurrency = concurrency
+        self.send_timeout = 2 * smtp_timeout
+        self.claim_for = claim_seconds(smtp_timeout)
         self.console = ConsoleTransport() if console_fallback else None
         self.keep_sent = keep_sent  # development keeps sent payloads for /dev/mail until expiry
         self.on_event = on_event
@@ -54,6 +73,7 @@ class Dispatcher:
         self._stopping = False
         self._backlog = False  # the last look filled every free slot: more may be due
         self._busy_until = 0.0
+        self._failing = False  # a send failed transiently: the next success wakes the retries
 
     def notify(self) -> None:
         """New mail is queued: look now rather than at the next poll."""
@@ -63,10 +83,21 @@ class Dispatcher:
         """Whether a message queued now can go straight to this process's sending (see hand)."""
         return self._task is not None and not self._stopping and len(self._inflight) < self.concurrency
 
+    def claim_now(self) -> float | None:
+        """`claim_for` for outbox.enqueue: this process sends it at once when it has room."""
+        return self.claim_for if self.has_room() else None
+
     def hand(self, message: outbox.Queued) -> None:
-        """Send a message this process queued already claimed (outbox.enqueue(claim=True)),
+        """Send a message this process queued already claimed (outbox.enqueue(claim_for=...)),
         after its transaction committed: no look-up, no claim round trip."""
         self._start(message)
+
+    def dispatch(self, message: outbox.Queued) -> None:
+        """After the commit: send a message this process claimed, or wake the dispatcher."""
+        if message.tries:
+            self.hand(message)
+        else:
+            self.notify()
 
     def _start(self, message: outbox.Queued) -> None:
         self._busy_until = asyncio.get_running_loop().time() + BUSY_FOR_SECONDS
@@ -117,16 +148,27 @@ class Dispatcher:
         now = self.clock.now()
         started = 0
         found = await outbox.due(self.db, self.sealer, now=now, limit=free)
-        self._backlog = len(found) == free
-        for message in found:
-            if not await outbox.claim(self.db, message, now=now):
+        self._backlog = len(found.ready) + len(found.unreadable) + len(found.done_codes) == free
+        for message_id, why in found.unreadable:
+            log.error("mail %s cannot be opened (%s): a retired key or a damaged row; given up", message_id, why)
+            await outbox.mark(self.db, message_id, MailStatus.FAILED, now=now, error=f"payload unreadable: {why}")
+        for message_id in found.done_codes:
+            await outbox.mark(self.db, message_id, MailStatus.CANCELLED, now=now,
+                              error="its code was used or replaced before delivery")
+        for message in found.ready:
+            if not await outbox.claim(self.db, message, now=now, claim_for=self.claim_for):
                 continue  # another dispatcher took it
+            if message.id in found.taken_over:
+                log.warning("mail %s: the process sending it stopped before it finished; sending it from here",
+                            message.id)
             self._start(message)
             started += 1
         return started
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("mail delivery task failed: %s", type(task.exception()).__name__)
         if self._backlog:
             self._wake.set()  # a slot is free and more may be waiting for one
 
@@ -139,20 +181,44 @@ class Dispatcher:
     async def _deliver(self, message: outbox.Queued) -> None:
         now = self.clock.now()
         if message.expires_at is not None and message.expires_at <= now:
-            await outbox.mark(self.db, message.id, outbox.EXPIRED, now=now, error="code expired before delivery")
+            await self._record(message, MailStatus.EXPIRED, error="code expired before delivery")
             self._event("expired", message, None)
             return
         try:
             email = build(message.kind, message.context, recipient=message.recipient, sender=self.sender)
-            await self.transport.send(email)
-        except TransientError as exc:
-            await self._failed(message, str(exc), transient=True)
+            await asyncio.wait_for(self.transport.send(email), self.send_timeout)
+        except (TransientError, TimeoutError) as exc:
+            await self._failed(message, str(exc) or type(exc).__name__, transient=True)
             return
         except (PermanentError, ValueError) as exc:
             await self._failed(message, str(exc), transient=False)
             return
-        await outbox.mark(self.db, message.id, outbox.SENT, now=self.clock.now(), keep_sent=self.keep_sent)
+        await self._record(message, MailStatus.SENT, keep_sent=self.keep_sent)
         self._event("sent", message, None)
+        if self._failing:
+            # The mail server answers again: what waits out a backoff goes now, not in minutes.
+            self._failing = False
+            with contextlib.suppress(Exception):
+                if await outbox.wake_retries(self.db, now=self.clock.now()):
+                    self.notify()
+
+    async def _record(self, message: outbox.Queued, status: MailStatus, **kwargs: object) -> None:
+        """Mark how a send went, trying again while the database is unreachable: a message that
+        went out must never be sent again because its mark was lost."""
+        delays = iter(MARK_RETRY_SECONDS)
+        while True:
+            try:
+                await outbox.mark(self.db, message.id, status, now=self.clock.now(), **kwargs)  # type: ignore[arg-type]
+                return
+            except Exception as exc:
+                delay = next(delays, MARK_RETRY_SECONDS[-1])
+                if self._stopping:
+                    log.error("mail %s was %s but that could not be recorded (%s); it may be sent again",
+                              message.id, status.value, type(exc).__name__)
+                    return
+                log.warning("mail %s: recording %s failed (%s); trying again in %.1f s",
+                            message.id, status.value, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
 
     async def _failed(self, message: outbox.Queued, error: str, *, transient: bool) -> None:
         now = self.clock.now()
@@ -160,19 +226,21 @@ class Dispatcher:
             # Development: the newcomer without a mail server still gets the code.
             email = build(message.kind, message.context, recipient=message.recipient, sender=self.sender)
             await self.console.send(email)
-            await outbox.mark(self.db, message.id, outbox.SENT, now=now, error=f"printed to console after: {error}",
-                              keep_sent=self.keep_sent)
+            await self._record(message, MailStatus.SENT, error=f"printed to console after: {error}",
+                               keep_sent=self.keep_sent)
             return
+        retry_at = now + timedelta(seconds=backoff(message.tries, code=message.is_code))
         if transient and message.tries < self.max_tries:
-            retry_at = now + timedelta(seconds=backoff(message.tries))
-            await outbox.mark(self.db, message.id, outbox.QUEUED, now=now, error=error, retry_at=retry_at)
+            self._failing = True
+            await self._record(message, MailStatus.QUEUED, error=error, retry_at=retry_at)
             self._event("retry", message, error)
         else:
-            await outbox.mark(self.db, message.id, outbox.FAILED, now=now, error=error)
+            await self._record(message, MailStatus.FAILED, error=error)
             self._event("failed", message, error)
 
     def _event(self, what: str, message: outbox.Queued, error: str | None) -> None:
-        log.info("mail %s id=%s kind=%s tries=%s%s", what, message.id, message.kind, message.tries,
-                 f" error={error}" if error else "")
+        level = {"retry": logging.WARNING, "failed": logging.ERROR}.get(what, logging.INFO)
+        log.log(level, "mail %s id=%s kind=%s tries=%s%s", what, message.id, message.kind, message.tries,
+                f" error={error}" if error else "")
         if self.on_event:
             self.on_event(what, message, error)

@@ -3,36 +3,45 @@ dispatcher on any worker, sent once. Payloads are sealed (AES-GCM) so no row sho
 
 from __future__ import annotations
 
-import base64
-import json
-import os
+import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from databases import Database
 
 from app import sql
-from app.tables import mail_outbox
+from app.database import INTEGRITY_ERRORS
+from app.security.crypto import Sealer, Unreadable
+from app.tables import mail_outbox, mail_throttle, otp_verification
 
-QUEUED, SENDING, SENT, FAILED, EXPIRED = "queued", "sending", "sent", "failed", "expired"
-FINAL = {SENT, FAILED, EXPIRED}
-CLAIM_SECONDS = 120
+log = logging.getLogger("app.mail")
 
 
-@dataclass(frozen=True)
-class Sealer:
-    key: bytes
+class MailStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"  # given up: a permanent refusal, too many tries, or an unreadable payload
+    EXPIRED = "expired"  # its code expired before it could be delivered
+    CANCELLED = "cancelled"  # its code was used or replaced before it could be delivered
 
-    def seal(self, data: dict[str, Any]) -> str:
-        nonce = os.urandom(12)
-        return base64.b64encode(nonce + AESGCM(self.key).encrypt(nonce, json.dumps(data).encode(), b"outbox")).decode()
+    @property
+    def final(self) -> bool:
+        return self not in (MailStatus.QUEUED, MailStatus.SENDING)
 
-    def open(self, sealed: str) -> dict[str, Any]:
-        blob = base64.b64decode(sealed)
-        return dict(json.loads(AESGCM(self.key).decrypt(blob[:12], blob[12:], b"outbox")))
+
+class MailKind(StrEnum):
+    REGISTRATION_CODE = "registration_code"
+    LOGIN_CODE = "login_code"
+    ACCOUNT_EXISTS = "account_exists"
+    USERNAME_TAKEN = "username_taken"
+
+
+CODE_KINDS = frozenset({MailKind.REGISTRATION_CODE, MailKind.LOGIN_CODE})
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,10 @@ class Queued:
     context: dict[str, Any]
     tries: int
     expires_at: datetime | None
+
+    @property
+    def is_code(self) -> bool:
+        return self.kind in CODE_KINDS
 
 
 o = mail_outbox
@@ -57,33 +70,39 @@ async def enqueue(
     db: Database,
     sealer: Sealer,
     *,
-    kind: str,
+    kind: MailKind | str,
     recipient: str,
     context: dict[str, Any],
     now: datetime,
     customer_id: int | None = None,
     challenge_id: int | None = None,
     expires_at: datetime | None = None,
-    claim: bool = False,
+    claim_for: float | None = None,
 ) -> Queued:
-    """Queue a message. With `claim`, it is queued already claimed by this process (first
-    try counted), to be handed to its dispatcher once the transaction commits: no other
+    """Queue a message. With `claim_for` (seconds), it is queued already claimed by this process
+    (first try counted), to be handed to its dispatcher once the transaction commits: no other
     dispatcher takes it unless the claim runs out (this process died)."""
+    claimed = claim_for is not None
+    kind = MailKind(kind)
     message_id = await sql.insert(
-        db, _ENQUEUE, kind=kind, customer_id=customer_id, challenge_id=challenge_id, recipient=recipient,
-        payload=sealer.seal(context), status=SENDING if claim else QUEUED, tries=1 if claim else 0,
-        created_at=now, next_attempt_at=now, expires_at=expires_at,
-        claimed_until=now + timedelta(seconds=CLAIM_SECONDS) if claim else None,
+        db, _ENQUEUE, kind=kind.value, customer_id=customer_id, challenge_id=challenge_id, recipient=recipient,
+        payload=sealer.seal(context), status=(MailStatus.SENDING if claimed else MailStatus.QUEUED).value,
+        tries=1 if claimed else 0, created_at=now, next_attempt_at=now, expires_at=expires_at,
+        claimed_until=now + timedelta(seconds=claim_for) if claim_for is not None else None,
     )
-    return Queued(message_id, kind, recipient, context, 1 if claim else 0, expires_at)
+    return Queued(message_id, kind.value, recipient, context, 1 if claimed else 0, expires_at)
 
 
 _DUE = sa.or_(
-    sa.and_(o.c.status == QUEUED, o.c.next_attempt_at <= sa.bindparam("now")),
-    sa.and_(o.c.status == SENDING, o.c.claimed_until < sa.bindparam("now")),
+    sa.and_(o.c.status == MailStatus.QUEUED.value, o.c.next_attempt_at <= sa.bindparam("now")),
+    sa.and_(o.c.status == MailStatus.SENDING.value, o.c.claimed_until < sa.bindparam("now")),
 )
+_ov = otp_verification
 _SELECT_DUE = sql.Query(
-    sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at)
+    sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at, o.c.status,
+              # A code mail whose code was used or replaced meanwhile is not worth sending.
+              sa.or_(_ov.c.used_at.is_not(None), _ov.c.invalidated_at.is_not(None)).label("code_done"))
+    .select_from(o.outerjoin(_ov, _ov.c.id == o.c.challenge_id))
     .where(_DUE)
     .order_by(o.c.next_attempt_at)
     .limit(sa.bindparam("limit", type_=sa.Integer))
@@ -91,23 +110,46 @@ _SELECT_DUE = sql.Query(
 _CLAIM = sql.Query(
     o.update()
     .where(o.c.id == sa.bindparam("mid"), o.c.tries == sa.bindparam("seen_tries"), _DUE)
-    .values(status=SENDING, claimed_until=sa.bindparam("until"), tries=o.c.tries + 1)
+    .values(status=MailStatus.SENDING.value, claimed_until=sa.bindparam("until"), tries=o.c.tries + 1)
 )
 
 
-async def due(db: Database, sealer: Sealer, *, now: datetime, limit: int) -> list[Queued]:
-    """Messages ready to go (including ones a crashed dispatcher left claimed), not yet claimed."""
+@dataclass(frozen=True)
+class Due:
+    """What one look at the queue found: messages to claim, and rows to settle without sending."""
+
+    ready: list[Queued]
+    unreadable: list[tuple[int, str]]  # (id, why)
+    done_codes: list[int]  # code mails whose code was used or replaced meanwhile
+    taken_over: list[int]  # claimed by a process that stopped before it finished
+
+
+async def due(db: Database, sealer: Sealer, *, now: datetime, limit: int) -> Due:
+    """Messages ready to go (including ones a stopped dispatcher left claimed), not yet claimed.
+
+    Each payload is opened on its own: one that no key opens (sealed under a key since
+    retired, or damaged) is reported, never allowed to hold up the rows behind it."""
     rows = await sql.fetch_all(db, _SELECT_DUE, now=now, limit=limit)
-    return [
-        Queued(r.id, r.kind, r.recipient, sealer.open(r.payload) if r.payload else {}, r.tries + 1, r.expires_at)
-        for r in rows
-    ]
+    found = Due([], [], [], [])
+    for r in rows:
+        if r.code_done:
+            found.done_codes.append(r.id)
+            continue
+        try:
+            context = sealer.open(r.payload) if r.payload else {}
+        except Unreadable as exc:
+            found.unreadable.append((r.id, str(exc)))
+            continue
+        if r.status == MailStatus.SENDING.value:
+            found.taken_over.append(r.id)
+        found.ready.append(Queued(r.id, r.kind, r.recipient, context, r.tries + 1, r.expires_at))
+    return found
 
 
-async def claim(db: Database, message: Queued, *, now: datetime) -> bool:
+async def claim(db: Database, message: Queued, *, now: datetime, claim_for: float) -> bool:
     """Take one message for sending; False when another dispatcher got it first."""
     return bool(await sql.execute(db, _CLAIM, mid=message.id, seen_tries=message.tries - 1, now=now,
-                                  until=now + timedelta(seconds=CLAIM_SECONDS)))
+                                  until=now + timedelta(seconds=claim_for)))
 
 
 _MARKS: dict[tuple[bool, bool, bool], sql.Query] = {}
@@ -128,38 +170,93 @@ def _mark(sent: bool, wipe: bool, retry: bool) -> sql.Query:
     return _MARKS[key]
 
 
-async def mark(db: Database, message_id: int, status: str, *, now: datetime, error: str | None = None,
+async def mark(db: Database, message_id: int, status: MailStatus, *, now: datetime, error: str | None = None,
                retry_at: datetime | None = None, keep_sent: bool = False) -> None:
     """Record how a send went."""
     # Sent or hopeless: nothing left to seal.
-    wipe = status in (FAILED, EXPIRED) or (status == SENT and not keep_sent)
-    query = _mark(status == SENT, wipe, retry_at is not None)
-    await sql.execute(db, query, mid=message_id, new_status=status, error=(error or None) and error[:500], now=now,
-                      retry_at=retry_at)
+    wipe = status.final and not (status is MailStatus.SENT and keep_sent)
+    query = _mark(status is MailStatus.SENT, wipe, retry_at is not None)
+    await sql.execute(db, query, mid=message_id, new_status=status.value, error=(error or None) and error[:500],
+                      now=now, retry_at=retry_at)
 
 
-_SENT_RECENTLY: dict[tuple[str, ...], sql.Query] = {}
+_WAKE_RETRIES = sql.Query(
+    o.update()
+    .where(o.c.status == MailStatus.QUEUED.value, o.c.tries > 0, o.c.next_attempt_at > sa.bindparam("now"))
+    .values(next_attempt_at=sa.bindparam("now"))
+)
 
 
-async def sent_recently(db: Database, *, recipient: str, kinds: tuple[str, ...], since: datetime) -> bool:
-    """Whether a message of these kinds was queued for this address since then."""
-    if kinds not in _SENT_RECENTLY:
-        _SENT_RECENTLY[kinds] = sql.Query(
-            sa.select(o.c.id)
-            .where(o.c.recipient == sa.bindparam("recipient"), o.c.created_at > sa.bindparam("since"),
-                   sa.or_(*(o.c.kind == k for k in kinds)))
-            .limit(1)
-        )
-    return await sql.fetch_val(db, _SENT_RECENTLY[kinds], recipient=recipient, since=since) is not None
+async def wake_retries(db: Database, *, now: datetime) -> int:
+    """Make every message waiting out a backoff due now (the mail server answers again)."""
+    return await sql.execute(db, _WAKE_RETRIES, now=now)
+
+
+# --- at most one notice per recipient per window, across workers --------------------------
+
+_t = mail_throttle
+_THROTTLE_TAKE = sql.Query(
+    _t.update()
+    .where(_t.c.key == sa.bindparam("k"), _t.c.last_at <= sa.bindparam("threshold"))
+    .values(last_at=sa.bindparam("now"), mail_id=None)
+)
+_THROTTLE_NEW = sql.Query(_t.insert(), columns=("key", "last_at", "mail_id"))
+_THROTTLE_MAIL = sql.Query(sa.select(_t.c.mail_id).where(_t.c.key == sa.bindparam("k")))
+_THROTTLE_SET_MAIL = sql.Query(_t.update().where(_t.c.key == sa.bindparam("k")).values(mail_id=sa.bindparam("mid")))
+
+
+def throttle_key(kind: str, recipient: str) -> str:
+    return hashlib.sha256(f"{kind}\x1f{recipient.lower()}".encode()).hexdigest()
+
+
+async def take_throttle(db: Database, key: str, *, now: datetime, window: int) -> bool:
+    """True for the one caller per `window` seconds that may send (call in a transaction)."""
+    if await sql.execute(db, _THROTTLE_TAKE, k=key, threshold=now - timedelta(seconds=window), now=now):
+        return True
+    try:
+        await sql.execute(db, _THROTTLE_NEW, key=key, last_at=now, mail_id=None)
+    except INTEGRITY_ERRORS:
+        return False  # another request holds this window
+    return True
+
+
+async def throttled_mail(db: Database, key: str) -> int | None:
+    """The notice the holder of the current window sent."""
+    found = await sql.fetch_val(db, _THROTTLE_MAIL, k=key)
+    return None if found is None else int(found)
+
+
+async def note_throttled_mail(db: Database, key: str, mail_id: int) -> None:
+    await sql.execute(db, _THROTTLE_SET_MAIL, k=key, mid=mail_id)
+
+
+_SHOWN_BY = sql.Query(
+    sa.select(sa.func.coalesce(
+        sa.select(o.c.id).where(o.c.challenge_id == sa.bindparam("cid")).order_by(o.c.id.desc()).limit(1)
+        .scalar_subquery(),
+        sa.select(_ov.c.mail_id).where(_ov.c.id == sa.bindparam("cid")).scalar_subquery(),
+    ))
+)
+
+
+async def shown_by(db: Database, challenge_id: int) -> int | None:
+    """The mail whose delivery state a challenge's step shows (its own newest, or the one it borrowed)."""
+    found = await sql.fetch_val(db, _SHOWN_BY, cid=challenge_id)
+    return None if found is None else int(found)
+
+
+_RECENT = sql.Query(sa.select(o).order_by(o.c.id.desc()).limit(sa.bindparam("limit", type_=sa.Integer)))
 
 
 async def recent(db: Database, sealer: Sealer, *, limit: int = 50) -> list[dict[str, Any]]:
     """The newest messages with their contexts (development inbox)."""
-    rows = await db.fetch_all(sa.select(o).order_by(o.c.id.desc()).limit(limit))
     out = []
-    for r in rows:
-        item = dict(r._mapping)
-        item["context"] = sealer.open(r.payload) if r.payload else None
+    for r in await sql.fetch_all(db, _RECENT, limit=limit):
+        item = dict(r._asdict())
+        try:
+            item["context"] = sealer.open(r.payload) if r.payload else None
+        except Unreadable:
+            item["context"] = None
         out.append(item)
     return out
 
@@ -168,7 +265,7 @@ _PURGE_UNSENT = sql.Query(
     mail_outbox.update()
     .where(
         # Two equalities, not IN: prepared statements take no expanding parameters.
-        sa.or_(mail_outbox.c.status == QUEUED, mail_outbox.c.status == SENDING),
+        sa.or_(mail_outbox.c.status == MailStatus.QUEUED.value, mail_outbox.c.status == MailStatus.SENDING.value),
         mail_outbox.c.expires_at <= sa.bindparam("now"),
         mail_outbox.c.payload.is_not(None),
     )
@@ -176,7 +273,7 @@ _PURGE_UNSENT = sql.Query(
 )
 _PURGE_KEPT = sql.Query(
     mail_outbox.update()
-    .where(mail_outbox.c.status == SENT, mail_outbox.c.expires_at <= sa.bindparam("now"),
+    .where(mail_outbox.c.status == MailStatus.SENT.value, mail_outbox.c.expires_at <= sa.bindparam("now"),
            mail_outbox.c.payload.is_not(None))
     .values(payload=None)
 )

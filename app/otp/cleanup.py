@@ -12,6 +12,7 @@ from databases import Database
 
 from app import sql
 from app.mail import outbox
+from app.otp.engine import Kind
 from app.tables import otp_stats, otp_verification
 
 if TYPE_CHECKING:
@@ -40,48 +41,56 @@ async def cleanup(db: Database, *, now: datetime, sent_kept: bool = False) -> in
     return deleted
 
 
+o = otp_verification
+_OUTCOME = sa.case(
+    (o.c.used_at.is_not(None), "verified"),
+    (o.c.invalidated_at.is_not(None), "replaced"),
+    else_="expired",
+)
+# Take the write lock first: on SQLite (WAL) a transaction that read before another
+# connection's commit cannot become a writer later.
+_SQLITE_WRITE_LOCK = sql.Query(otp_stats.update().where(sa.false()).values(codes=otp_stats.c.codes))
+_FINISHED = sql.Query(
+    sa.select(o.c.id, o.c.kind, o.c.purpose, o.c.created_at, o.c.attempts, _OUTCOME.label("outcome"))
+    .where(o.c.expires_at <= sa.bindparam("cutoff"))
+    .order_by(o.c.expires_at)
+    .limit(BATCH)
+    .with_for_update(skip_locked=True)  # two workers cleaning at once count each code once
+)
+_stats_key = (otp_stats.c.day == sa.bindparam("d"), otp_stats.c.purpose == sa.bindparam("p"),
+              otp_stats.c.outcome == sa.bindparam("r"))
+_ADD_STATS = sql.Query(
+    otp_stats.update().where(*_stats_key)
+    .values(codes=otp_stats.c.codes + sa.bindparam("n"), attempts=otp_stats.c.attempts + sa.bindparam("a"))
+)
+_NEW_STATS = sql.Query(otp_stats.insert(), columns=("day", "purpose", "outcome", "codes", "attempts"))
+DELETE_CHUNK = 500
+# A fixed number of placeholders, so the statement is prepared once; a short chunk repeats its
+# last id (IN ignores duplicates).
+_DELETE = sql.Query(o.delete().where(o.c.id.in_([sa.bindparam(f"id{i}") for i in range(DELETE_CHUNK)])))
+
+
 async def _cleanup_batch(db: Database, *, cutoff: datetime) -> int:
-    o = otp_verification
-    outcome = sa.case(
-        (o.c.used_at.is_not(None), "verified"),
-        (o.c.invalidated_at.is_not(None), "replaced"),
-        else_="expired",
-    )
     async with db.transaction():
         if sql.dialect(db) == "sqlite":
-            # Take the write lock first: on SQLite (WAL) a transaction that read before another
-            # connection's commit cannot become a writer later.
-            await db.execute(otp_stats.update().where(sa.false()).values(codes=otp_stats.c.codes))
-        rows = await db.fetch_all(
-            sa.select(o.c.id, o.c.kind, o.c.purpose, o.c.created_at, o.c.attempts, outcome.label("outcome"))
-            .where(o.c.expires_at <= cutoff)
-            .order_by(o.c.expires_at)
-            .limit(BATCH)
-            .with_for_update(skip_locked=True)  # two workers cleaning at once count each code once
-        )
+            await sql.execute(db, _SQLITE_WRITE_LOCK)
+        rows = await sql.fetch_all(db, _FINISHED, cutoff=cutoff)
         counts: dict[tuple[object, str, str], list[int]] = {}
         for r in rows:
-            if r.kind != "code":
+            if r.kind != Kind.CODE.value:
                 continue  # placeholders and decoys carry no code and no analytics
             entry = counts.setdefault((r.created_at.date(), r.purpose, r.outcome), [0, 0])
             entry[0] += 1
             entry[1] += r.attempts
         for (day, purpose, result), (codes, attempts) in counts.items():
-            key = (otp_stats.c.day == day, otp_stats.c.purpose == purpose, otp_stats.c.outcome == result)
-            exists = await db.fetch_val(sa.select(sa.func.count()).select_from(otp_stats).where(*key))
-            if exists:
-                await db.execute(
-                    otp_stats.update()
-                    .where(*key)
-                    .values(codes=otp_stats.c.codes + codes, attempts=otp_stats.c.attempts + attempts)
-                )
-            else:
-                await db.execute(
-                    otp_stats.insert().values(day=day, purpose=purpose, outcome=result, codes=codes, attempts=attempts)
-                )
+            if not await sql.execute(db, _ADD_STATS, d=day, p=purpose, r=result, n=codes, a=attempts):
+                await sql.execute(db, _NEW_STATS, day=day, purpose=purpose, outcome=result, codes=codes,
+                                  attempts=attempts)
         ids = [r.id for r in rows]
-        for i in range(0, len(ids), 500):
-            await db.execute(o.delete().where(o.c.id.in_(ids[i : i + 500])))
+        for i in range(0, len(ids), DELETE_CHUNK):
+            chunk = ids[i : i + DELETE_CHUNK]
+            chunk += [chunk[-1]] * (DELETE_CHUNK - len(chunk))
+            await sql.execute(db, _DELETE, **{f"id{j}": v for j, v in enumerate(chunk)})
     return len(rows)
 
 

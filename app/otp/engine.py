@@ -16,20 +16,35 @@ import sqlalchemy as sa
 from databases import Database
 
 from app import sql
-from app.database import retrying
-from app.security import keyed_hash
-from app.settings import Settings
+from app.security.crypto import keyed_hash
 from app.tables import customers, mail_outbox, otp_verification
 
 CODE_DIGITS = 6
-# Challenge kinds: a mailed code; a placeholder while the cooldown runs (password proven,
-# no code sent yet); a decoy for a registration whose address or username exists already.
-CODE, PLACEHOLDER, DECOY = "code", "placeholder", "decoy"
+
+
+class Kind(StrEnum):
+    """What a challenge is: a mailed code; a placeholder while the cooldown runs (password
+    proven, no code sent yet); a decoy for a registration whose address or username exists."""
+
+    CODE = "code"
+    PLACEHOLDER = "placeholder"
+    DECOY = "decoy"
 
 
 class Purpose(StrEnum):
     REGISTRATION = "registration"
     LOGIN = "login"
+
+
+class Outcome(StrEnum):
+    """What one code entry came to."""
+
+    VERIFIED = "verified"
+    WRONG = "wrong"
+    DEAD = "dead"  # out of tries before this entry counted
+    EXPIRED = "expired"
+    LOCKED = "locked"
+    INVALID = "invalid"  # used, or replaced by a newer code
 
 
 @dataclass(frozen=True)
@@ -39,10 +54,6 @@ class OtpPolicy:
     resend_cooldown: int = 60
     max_attempts: int = 5
     lockout_schedule: tuple[int, ...] = (60, 300, 900, 3600)
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> OtpPolicy:
-        return cls(s.otp_registration_ttl, s.otp_login_ttl, s.otp_resend_cooldown, s.otp_max_attempts, s.otp_lockout_schedule)
 
     def ttl(self, purpose: Purpose) -> int:
         return self.registration_ttl if purpose is Purpose.REGISTRATION else self.login_ttl
@@ -77,7 +88,7 @@ class Challenge:
     id: int
     customer_id: int
     purpose: Purpose
-    kind: str
+    kind: Kind
     sent_to: str
     attempts: int
     created_at: datetime
@@ -90,26 +101,27 @@ class Challenge:
     failures: int = 0  # a decoy's own ledger
     lockouts: int = 0
     session_version: int = 0  # the customer's, for the session a right code starts
-    delivery: str | None = None  # the state of its newest mail (app.mail.outbox), if any
+    delivery: str | None = None  # the state of the mail it shows (app.mail.outbox.MailStatus), if any
+    claim: str | None = None  # sealed details of a registration that takes over an unconfirmed sign-up
 
     @property
     def real(self) -> bool:
         """A code was mailed for it (not a placeholder or a stand-in)."""
-        return self.kind == CODE
+        return self.kind is Kind.CODE
 
     def resend_wait(self, policy: OtpPolicy, now: datetime) -> int:
         """Seconds until a new code may be asked for, as the code step shows it. A decoy
         counts from its own creation; everything else from the customer's last code."""
-        if self.kind == DECOY or self.last_sent_at is None:
+        if self.kind is Kind.DECOY or self.last_sent_at is None:
             return _left(self.created_at, policy.resend_cooldown, now)
         return _left(self.last_sent_at, policy.resend_cooldown, now)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What a code entry came to. `status`: verified, wrong, dead, expired, locked, invalid."""
+    """What a code entry came to."""
 
-    status: str
+    status: Outcome
     customer_id: int | None = None
     purpose: Purpose | None = None
     attempts_left: int = 0
@@ -190,7 +202,7 @@ _TAKE_COOLDOWN_ENDING_OPEN = _ending_open_codes(
 _INSERT = sql.Query(
     o.insert(),
     columns=("id", "customer_id", "purpose", "code_hash", "session_binding", "kind", "sent_to", "attempts",
-             "created_at", "expires_at", "failures", "lockouts", "locked_until"),
+             "created_at", "expires_at", "failures", "lockouts", "locked_until", "claim", "mail_id"),
 )
 
 
@@ -210,11 +222,13 @@ async def issue(
     purpose: Purpose,
     nonce: str,
     sent_to: str,
+    claim: str | None = None,
 ) -> Issued:
     """Issue a new code, invalidating the customer's open ones; Cooldown if too soon.
 
-    Call inside a transaction together with queueing its mail, so that a code exists
-    exactly when its mail does.
+    `claim`: the sealed details of a registration that takes over an unconfirmed sign-up,
+    applied only when this code is entered. Call inside a transaction together with queueing
+    its mail, so that a code exists exactly when its mail does.
     """
     threshold = now - timedelta(seconds=policy.resend_cooldown)
     if not await _ending_open_codes_if(db, _TAKE_COOLDOWN, _TAKE_COOLDOWN_ENDING_OPEN, cid=customer_id,
@@ -226,8 +240,8 @@ async def issue(
     await sql.execute(
         db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
         code_hash=code_hash(keys.code, challenge_id, code), session_binding=binding_hash(keys.binding, nonce),
-        kind=CODE, sent_to=sent_to, attempts=0, created_at=now, expires_at=expires_at, failures=0, lockouts=0,
-        locked_until=None,
+        kind=Kind.CODE.value, sent_to=sent_to, attempts=0, created_at=now, expires_at=expires_at, failures=0, lockouts=0,
+        locked_until=None, claim=claim, mail_id=None,
     )
     return Issued(challenge_id, code, expires_at)
 
@@ -242,21 +256,24 @@ async def stand_in(
     purpose: Purpose,
     nonce: str,
     sent_to: str,
-    kind: str,
+    kind: Kind,
     carry: Challenge | None = None,
+    mail_id: int | None = None,
 ) -> int:
     """A challenge no code was mailed for (placeholder or decoy). It can never verify, and it
-    neither invalidates the customer's real codes nor touches their cooldown."""
+    neither invalidates the customer's real codes nor touches their cooldown. `mail_id`: a mail
+    queued earlier whose delivery state the step shows (a decoy inside the notice cooldown)."""
     challenge_id = new_challenge_id()
     await sql.execute(
         db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
         code_hash=code_hash(keys.code, challenge_id, secrets.token_hex(16)),
-        session_binding=binding_hash(keys.binding, nonce), kind=kind, sent_to=sent_to, attempts=0,
+        session_binding=binding_hash(keys.binding, nonce), kind=kind.value, sent_to=sent_to, attempts=0,
         created_at=now, expires_at=now + timedelta(seconds=policy.ttl(purpose)),
         # A re-issued decoy keeps its failure ledger, as a customer's would.
         failures=carry.failures if carry else 0,
         lockouts=carry.lockouts if carry else 0,
         locked_until=carry.locked_until if carry else None,
+        claim=None, mail_id=mail_id,
     )
     return challenge_id
 
@@ -266,7 +283,7 @@ _NEWEST_OPEN = sql.Query(
     .where(
         o.c.customer_id == sa.bindparam("cid"),
         o.c.purpose == sa.bindparam("purpose"),
-        o.c.kind == CODE,
+        o.c.kind == Kind.CODE.value,
         o.c.used_at.is_(None),
         o.c.invalidated_at.is_(None),
         o.c.expires_at > sa.bindparam("now"),
@@ -274,18 +291,54 @@ _NEWEST_OPEN = sql.Query(
     .order_by(o.c.created_at.desc())
     .limit(1)
 )
-_REBIND = sql.Query(o.update().where(o.c.id == sa.bindparam("cid")).values(session_binding=sa.bindparam("binding")))
+_REBIND = sql.Query(
+    o.update().where(o.c.id == sa.bindparam("cid")).values(session_binding=sa.bindparam("binding"),
+                                                            claim=sa.bindparam("new_claim"))
+)
+_OPEN_BOUND = sql.Query(
+    sa.select(o.c.id)
+    .where(
+        o.c.customer_id == sa.bindparam("cid"),
+        o.c.purpose == sa.bindparam("purpose"),
+        o.c.session_binding == sa.bindparam("binding"),
+        o.c.used_at.is_(None),
+        o.c.invalidated_at.is_(None),
+        o.c.expires_at > sa.bindparam("now"),
+    )
+    .order_by(o.c.created_at.desc())
+    .limit(1)
+)
+
+
+async def open_bound(
+    db: Database, *, keys: Keys, customer_id: int, purpose: Purpose, nonce: str, now: datetime
+) -> int | None:
+    """The customer's newest open challenge already bound to this nonce, if any: a form sent
+    twice (a double click, a retry) joins the step the first one started."""
+    found = await sql.fetch_val(db, _OPEN_BOUND, cid=customer_id, purpose=purpose.value,
+                                binding=binding_hash(keys.binding, nonce), now=now)
+    return None if found is None else int(found)
+
+
+_SET_CLAIM = sql.Query(o.update().where(o.c.id == sa.bindparam("cid")).values(claim=sa.bindparam("new_claim")))
+
+
+async def set_claim(db: Database, challenge_id: int, claim: str | None) -> None:
+    """Replace the registration details a challenge will apply when its code is entered."""
+    await sql.execute(db, _SET_CLAIM, cid=challenge_id, new_claim=claim)
 
 
 async def rebind_open(
-    db: Database, *, keys: Keys, customer_id: int, purpose: Purpose, nonce: str, now: datetime
+    db: Database, *, keys: Keys, customer_id: int, purpose: Purpose, nonce: str, now: datetime,
+    claim: str | None = None,
 ) -> int | None:
     """Hand the customer's newest open code to a new pending session (password proven again
-    inside the cooldown). Its attempt count stays. Returns its id, or None."""
+    inside the cooldown), with this session's claim if any. Its attempt count stays. Returns
+    its id, or None."""
     found = await sql.fetch_val(db, _NEWEST_OPEN, cid=customer_id, purpose=purpose.value, now=now)
     if found is None:
         return None
-    await sql.execute(db, _REBIND, cid=found, binding=binding_hash(keys.binding, nonce))
+    await sql.execute(db, _REBIND, cid=found, binding=binding_hash(keys.binding, nonce), new_claim=claim)
     return int(found)
 
 
@@ -294,39 +347,48 @@ _LOAD = sql.Query(
     sa.select(
         o.c.id, o.c.customer_id, o.c.purpose, o.c.kind, o.c.sent_to, o.c.attempts, o.c.created_at, o.c.expires_at,
         o.c.used_at, o.c.invalidated_at, o.c.session_binding, o.c.code_hash, o.c.failures, o.c.lockouts,
-        o.c.locked_until, c.c.otp_locked_until, c.c.otp_last_sent_at, c.c.session_version,
-        # The state of its newest mail, in the same round trip (the code step shows it).
-        sa.select(_mail.c.status).where(_mail.c.challenge_id == o.c.id).order_by(_mail.c.id.desc()).limit(1)
-        .scalar_subquery().label("delivery"),
+        o.c.locked_until, o.c.claim, c.c.otp_locked_until, c.c.otp_last_sent_at, c.c.session_version,
+        # The state of its newest mail, in the same round trip (the code step shows it); a decoy
+        # inside the notice cooldown shows the state of the notice that went out before.
+        sa.func.coalesce(
+            sa.select(_mail.c.status).where(_mail.c.challenge_id == o.c.id).order_by(_mail.c.id.desc()).limit(1)
+            .scalar_subquery(),
+            sa.select(_mail.c.status).where(_mail.c.id == o.c.mail_id).scalar_subquery(),
+        ).label("delivery"),
     )
     .select_from(o.outerjoin(c, c.c.id == o.c.customer_id))
     .where(o.c.id == sa.bindparam("cid"))
 )
 
 
-async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: str) -> Challenge | None:
-    """The pending challenge, only if it belongs to this pending session."""
+async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: str,
+                         purpose: Purpose | None = None) -> Challenge | None:
+    """The pending challenge, only if it belongs to this pending session (and, when given, is
+    for this purpose: a registration code never completes a sign-in step, nor the reverse)."""
     rec = await sql.fetch_one(db, _LOAD, cid=challenge_id)
     if rec is None or not hmac.compare_digest(rec.session_binding, binding_hash(keys.binding, nonce)):
+        return None
+    if purpose is not None and rec.purpose != purpose.value:
         return None
     return Challenge(
         id=rec.id,
         customer_id=rec.customer_id,
         purpose=Purpose(rec.purpose),
-        kind=rec.kind,
+        kind=Kind(rec.kind),
         sent_to=rec.sent_to,
         attempts=rec.attempts,
         created_at=rec.created_at,
         expires_at=rec.expires_at,
         used_at=rec.used_at,
         invalidated_at=rec.invalidated_at,
-        locked_until=rec.locked_until if rec.kind == DECOY else rec.otp_locked_until,
+        locked_until=rec.locked_until if rec.kind == Kind.DECOY else rec.otp_locked_until,
         last_sent_at=rec.otp_last_sent_at,
         code_hash=rec.code_hash,
         failures=rec.failures,
         lockouts=rec.lockouts,
         session_version=rec.session_version or 0,
         delivery=rec.delivery,
+        claim=rec.claim,
     )
 
 
@@ -364,7 +426,7 @@ _DECOY_LEDGER = _make_ledger(o, o.c.failures, o.c.lockouts, o.c.locked_until, st
 
 def _ledger(challenge: Challenge) -> tuple[_Ledger, int]:
     """Where this challenge's failures count: the customer row, or a decoy's own row."""
-    if challenge.kind == DECOY or challenge.customer_id is None:
+    if challenge.kind is Kind.DECOY or challenge.customer_id is None:
         return _DECOY_LEDGER, challenge.id
     return _CUSTOMER_LEDGER, challenge.customer_id
 
@@ -382,8 +444,11 @@ _COUNT = sql.Query(
     .values(attempts=o.c.attempts + 1)
 )
 _STATE = sql.Query(sa.select(o.c.attempts, o.c.used_at, o.c.invalidated_at).where(o.c.id == sa.bindparam("cid")))
+# A right code resets the failures, and proves the mailbox: the address counts as verified
+# (a shop customer whose address was never confirmed, signing in with codes on, included).
 _RESET: dict[Any, Any] = {c.c.otp_attempts: 0, c.c.otp_lockouts: 0, c.c.otp_locked_until: None,
-                           c.c.last_otp_attempt: sa.bindparam("now")}
+                           c.c.last_otp_attempt: sa.bindparam("now"),
+                           c.c.email_verified_at: sa.func.coalesce(c.c.email_verified_at, sa.bindparam("now"))}
 _SUCCEEDED = sql.Query(c.update().where(c.c.id == sa.bindparam("cid")).values(_RESET))
 _SUCCEEDED_ENDING_OPEN = _ending_open_codes(c.c.id == sa.bindparam("cid"), values=_RESET)
 
@@ -396,7 +461,8 @@ _USE_BOUND = sql.Query(
     .where(
         _open_code,
         o.c.customer_id == sa.bindparam("uid"),
-        o.c.kind == CODE,
+        o.c.purpose == sa.bindparam("purpose"),
+        o.c.kind == Kind.CODE.value,
         o.c.session_binding == sa.bindparam("binding"),
         o.c.code_hash == sa.bindparam("hash"),
         o.c.expires_at > sa.bindparam("now"),
@@ -408,29 +474,27 @@ _USE_BOUND = sql.Query(
 
 async def use_code(
     db: Database, *, keys: Keys, policy: OtpPolicy, now: datetime, challenge_id: int, nonce: str,
-    customer_id: int, code: str,
+    customer_id: int, purpose: Purpose, code: str,
 ) -> bool:
-    """The fast path of verify() for a right code: True when this entry used it (and the
-    customer's failures were reset, their other open codes ended). False means nothing
-    happened: call verify() with the loaded challenge for the verdict.
+    """The fast path of verify() for a right code: True when this entry used it; finish with
+    succeeded() in the same transaction. False means nothing happened: call verify() with the
+    loaded challenge for the verdict.
 
-    The UPDATE locks the code row, then reads the customer row under a shared lock; a sign-out
-    everywhere or a new code locks the customer row, then the codes. When MariaDB breaks that
-    deadlock by aborting this statement, nothing of it happened: it is simply tried again."""
-    won = await retrying(lambda: sql.execute(
-        db, _USE_BOUND, cid=challenge_id, uid=customer_id, binding=binding_hash(keys.binding, nonce),
+    Run it in a transaction with what the code starts (the session): the UPDATE locks the code
+    row, then reads the customer row under a shared lock, while a sign-out everywhere or a new
+    code locks the customer row, then the codes; when MariaDB breaks such a deadlock it rolls
+    the whole transaction back, and `transact` runs it again."""
+    won = await sql.execute(
+        db, _USE_BOUND, cid=challenge_id, uid=customer_id, purpose=purpose.value, binding=binding_hash(keys.binding, nonce),
         hash=code_hash(keys.code, challenge_id, code), max_attempts=policy.max_attempts, now=now,
-    ))
-    if won:
-        await _succeeded(db, customer_id, now)
+    )
     return bool(won)
 
 
-async def _succeeded(db: Database, customer_id: int, now: datetime) -> None:
-    """Failures reset; every other open code (and the pending steps that hold them) ends here.
-    The code is used already: a deadlock here is tried again (doing this twice is harmless),
-    never answered as an outage."""
-    await retrying(lambda: _ending_open_codes_if(db, _SUCCEEDED, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now))
+async def succeeded(db: Database, customer_id: int, now: datetime) -> None:
+    """A right code: failures reset, the address verified, every other open code (and the
+    pending steps that hold them) ended."""
+    await _ending_open_codes_if(db, _SUCCEEDED, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now)
 
 
 async def verify(
@@ -442,27 +506,27 @@ async def verify(
     challenge: Challenge,
     code: str,
 ) -> Verdict:
-    """Check one code entry against a challenge loaded for this session."""
+    """Check one code entry against a challenge loaded for this session. A VERIFIED verdict has
+    used the code: the caller finishes with succeeded() in the same transaction."""
     if challenge.used_at is not None or challenge.invalidated_at is not None:
-        return Verdict("invalid")
+        return Verdict(Outcome.INVALID)
     locked_until = challenge.locked_until
     if locked_until is not None and locked_until > now:
-        return Verdict("locked", locked_until=locked_until)
+        return Verdict(Outcome.LOCKED, locked_until=locked_until)
     if challenge.expires_at <= now:
-        return Verdict("expired")
+        return Verdict(Outcome.EXPIRED)
     # The hash never changes after issue, so the one loaded with the challenge is current.
     right = hmac.compare_digest(code_hash(keys.code, challenge.id, code), challenge.code_hash) and challenge.real
     if right:
         if not await sql.execute(db, _USE, cid=challenge.id, max_attempts=policy.max_attempts, now=now):
             state = await sql.fetch_one(db, _STATE, cid=challenge.id)
             if state is not None and state.used_at is None and state.invalidated_at is None:
-                return Verdict("dead")  # out of tries before this entry counted
-            return Verdict("invalid")  # used or replaced meanwhile
-        await _succeeded(db, challenge.customer_id, now)
-        return Verdict("verified", customer_id=challenge.customer_id, purpose=challenge.purpose)
+                return Verdict(Outcome.DEAD)  # out of tries before this entry counted
+            return Verdict(Outcome.INVALID)  # used or replaced meanwhile
+        return Verdict(Outcome.VERIFIED, customer_id=challenge.customer_id, purpose=challenge.purpose)
     # Count the attempt, guarded, so no burst gets more than max tries.
     if not await sql.execute(db, _COUNT, cid=challenge.id, max_attempts=policy.max_attempts):
-        return Verdict("dead")
+        return Verdict(Outcome.DEAD)
     # This entry's count (exact unless the same session races itself, where it only
     # changes the "attempts left" wording; the guard above is what limits tries).
     code_left = max(0, policy.max_attempts - (challenge.attempts + 1))
@@ -477,6 +541,6 @@ async def verify(
         until: datetime | None = now + timedelta(seconds=policy.lockout(level))
         if not await sql.execute(db, ledger.lock, row_id=row_id, max_attempts=policy.max_attempts, until=until):
             until = await sql.fetch_val(db, ledger.locked_until, row_id=row_id)
-        return Verdict("locked", customer_id=challenge.customer_id if challenge.real else None, locked_until=until)
+        return Verdict(Outcome.LOCKED, customer_id=challenge.customer_id if challenge.real else None, locked_until=until)
     left = min(code_left, policy.max_attempts - failures)
-    return Verdict("wrong", customer_id=challenge.customer_id, attempts_left=left)
+    return Verdict(Outcome.WRONG, customer_id=challenge.customer_id, attempts_left=left)

@@ -1,4 +1,4 @@
-"""Passwords, keyed hashes, CSRF and the security headers every response carries."""
+"""Passwords: Argon2id on a thread pool of its own, and the legacy Werkzeug formats. No HTTP here."""
 
 from __future__ import annotations
 
@@ -6,30 +6,21 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.settings import Network
 
 T = TypeVar("T")
 
 # OWASP's Argon2id minimum: m=19 MiB, t=2, p=1.
 ARGON2 = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1, hash_len=32, salt_len=16)
 _DUMMY_HASH = ARGON2.hash(secrets.token_urlsafe(16))
-
-
-# --- passwords ---------------------------------------------------------------------------
 
 
 def _verify_werkzeug(stored: str, password: str) -> bool:
@@ -150,187 +141,3 @@ async def check_password(stored: str | None, password: str) -> tuple[bool, bool]
 async def hash_password(password: str) -> str:
     """Argon2id hash, computed off the event loop."""
     return await _off_loop(ARGON2.hash, password)
-
-
-# --- keys and tokens ---------------------------------------------------------------------
-
-
-@lru_cache(maxsize=16)
-def derive_key(secret_key: str, purpose: str) -> bytes:
-    """A separate key per use, derived from SECRET_KEY."""
-    return hmac.new(secret_key.encode(), b"computer-shop:" + purpose.encode(), hashlib.sha256).digest()
-
-
-def keyed_hash(key: bytes, *parts: object) -> str:
-    """HMAC-SHA256 over the parts, hex."""
-    msg = b"\x1f".join(str(p).encode() for p in parts)
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()
-
-
-def token() -> str:
-    """A random URL-safe token (256 bits)."""
-    return secrets.token_urlsafe(32)
-
-
-def sha256_hex(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
-# --- client address ----------------------------------------------------------------------
-
-
-def client_ip(request: Request, trusted: Iterable[Network]) -> str:
-    """The client address; X-Forwarded-For is believed only when it comes from a trusted proxy."""
-    peer = request.client.host if request.client else ""
-    trusted = tuple(trusted)
-    if not trusted:
-        return peer
-    try:
-        chain = [ipaddress.ip_address(peer)]
-    except ValueError:
-        return peer
-    forwarded = request.headers.get("x-forwarded-for", "")
-    hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-    # Walk from the nearest hop outwards; the first address not ours is the client.
-    for hop in reversed(hops):
-        if not any(chain[-1] in net for net in trusted):
-            break
-        try:
-            chain.append(ipaddress.ip_address(hop))
-        except ValueError:
-            break
-    return str(chain[-1])
-
-
-# --- CSRF --------------------------------------------------------------------------------
-
-CSRF_FIELD = "csrf_token"
-CSRF_HEADER = "x-csrf-token"
-
-
-def csrf_token(request: Request) -> str:
-    """The session's CSRF token, created on first use."""
-    value = request.session.get("csrf")
-    if not value:
-        value = token()
-        request.session["csrf"] = value
-    return str(value)
-
-
-def same_origin(request: Request, trusted: Iterable[Network] = ()) -> bool:
-    """Origin / Sec-Fetch-Site check: refuse what a browser says came from elsewhere.
-
-    The host we compare with is the request's Host, or, from a trusted proxy that rewrites
-    Host, the X-Forwarded-Host it passes on."""
-    site = request.headers.get("sec-fetch-site")
-    if site and site not in ("same-origin", "none"):
-        return False
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True
-    if origin == "null":
-        return False
-    hosts = {request.headers.get("host", "")}
-    peer = request.client.host if request.client else ""
-    forwarded = request.headers.get("x-forwarded-host")
-    if forwarded and _is_trusted(peer, trusted):
-        hosts.add(forwarded.split(",")[0].strip())
-    return origin.split("://", 1)[-1] in hosts
-
-
-def _is_trusted(peer: str, trusted: Iterable[Network]) -> bool:
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return False
-    return any(address in net for net in trusted)
-
-
-async def csrf_ok(request: Request, trusted: Iterable[Network] = ()) -> bool:
-    """True when the request carries the session's token and comes from this site."""
-    if not same_origin(request, trusted):
-        return False
-    expected = request.session.get("csrf")
-    if not expected:
-        return False
-    # The form field first: the step just swapped in carries the current token, while the
-    # hx-headers copy on <body> dates from the last full page load (tokens rotate at sign-in).
-    sent: list[str] = []
-    if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-        value = (await request.form()).get(CSRF_FIELD)
-        if isinstance(value, str):
-            sent.append(value)
-    if header := request.headers.get(CSRF_HEADER):
-        sent.append(header)
-    return any(hmac.compare_digest(v.encode(), str(expected).encode()) for v in sent)
-
-
-# --- headers -----------------------------------------------------------------------------
-
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; form-action 'self'; object-src 'none'; base-uri 'none'; "
-    "frame-ancestors 'none'"
-)
-
-
-_HEADERS = (
-    ("Content-Security-Policy", CSP),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "same-origin"),
-    ("X-Frame-Options", "DENY"),
-    ("Cross-Origin-Opener-Policy", "same-origin"),
-    ("Permissions-Policy", "camera=(), microphone=(), geolocation=(), payment=(), interest-cohort=()"),
-)
-_PAGE_HEADERS = (("Cache-Control", "no-store"),)
-_HSTS = (("Strict-Transport-Security", "max-age=63072000; includeSubDomains"),)
-
-
-def _raw(headers: Iterable[tuple[str, str]]) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-
-
-class SecurityHeadersMiddleware:
-    """Adds the security headers to every response, errors and fragments included. A header
-    the response set itself is kept. Every response passes here: the raw header list is
-    scanned once, not once per header."""
-
-    def __init__(self, app: ASGIApp, *, production: bool) -> None:
-        self.app = app
-        self.production = production
-        hsts = _HSTS if production else ()
-        self.for_static = _raw(_HEADERS + hsts)
-        self.for_pages = _raw(_HEADERS + _PAGE_HEADERS + hsts)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        static = scope["path"].startswith("/static/")
-        wanted = self.for_static if static else self.for_pages
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                present = {bytes(k).lower() for k, _ in headers}
-                headers.extend(pair for pair in wanted if pair[0] not in present)
-                if not static:
-                    _add_vary(headers, b"HX-Request")
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-def _add_vary(headers: list[tuple[bytes, bytes]], name: bytes) -> None:
-    """`name` added to the response's Vary (all its Vary headers merged into one), once."""
-    values: list[bytes] = []
-    kept = []
-    for key, value in headers:
-        if bytes(key).lower() == b"vary":
-            values += [v.strip() for v in bytes(value).split(b",") if v.strip()]
-        else:
-            kept.append((key, value))
-    if name.lower() not in {v.lower() for v in values}:
-        values.append(name)
-    headers[:] = [*kept, (b"vary", b", ".join(values))]

@@ -1,0 +1,58 @@
+"""CSRF: a per-session token on every state-changing request, plus an Origin and
+Sec-Fetch-Site check (SECURITY.md 22)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from app.security.crypto import equal, token
+from app.web.session import cookie_of
+
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+# Set by the proxy middleware: the host names this request may call its own.
+HOSTS_KEY = "app.hosts"
+
+
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, created on first use."""
+    cookie = cookie_of(request)
+    if not cookie.csrf:
+        cookie.csrf = token()
+    return cookie.csrf
+
+
+def same_origin(request: Request) -> bool:
+    """Refuse what a browser says came from elsewhere (Sec-Fetch-Site, then Origin).
+
+    The hosts we accept are the request's Host, the X-Forwarded-Host a trusted proxy passed
+    on, and the host of PUBLIC_ORIGIN (worked out once per request by ProxyMiddleware)."""
+    site = request.headers.get("sec-fetch-site")
+    if site and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    if origin == "null" or "://" not in origin:
+        return False
+    hosts = request.scope.get(HOSTS_KEY) or {request.headers.get("host", "")}
+    return origin.split("://", 1)[1] in hosts
+
+
+async def csrf_ok(request: Request) -> bool:
+    """True when the request carries the session's token and comes from this site."""
+    if not same_origin(request):
+        return False
+    expected = cookie_of(request).csrf
+    if not expected:
+        return False
+    # The form field first: the step just swapped in carries the current token, while the
+    # hx-headers copy on <body> dates from the last full page load (tokens rotate at sign-in).
+    sent: list[str] = []
+    if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        value = (await request.form()).get(CSRF_FIELD)
+        if isinstance(value, str):
+            sent.append(value)
+    if header := request.headers.get(CSRF_HEADER):
+        sent.append(header)
+    return any(equal(v, expected) for v in sent)

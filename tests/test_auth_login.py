@@ -113,11 +113,40 @@ async def test_locked_account_and_wrong_password_answer_alike(
     assert "do not match an account" in locked.text and "locked" not in locked.text.lower()
 
 
-async def test_unknown_user_still_costs_one_argon2_hash() -> None:
-    # The dummy hash uses the app's own parameters, so verifying against it costs the same.
+async def test_unknown_user_still_costs_one_argon2_hash(
+    server: Running, smtp: Capture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SECURITY.md 15: an unknown user is checked against a dummy hash with the app's own
+    parameters, as long as a real verification (an unknown user costs what a wrong password
+    does), and the sign-in really asks for it."""
+    import time
+
+    from app.security import passwords
+
     assert _DUMMY_HASH.startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     assert not ARGON2.check_needs_rehash(_DUMMY_HASH)
-    assert _check_password(None, PASSWORD) == (False, False)
+    real_hash = ARGON2.hash(PASSWORD)
+
+    def cost(stored: str | None) -> float:
+        runs = []
+        for _ in range(5):
+            start = time.process_time()
+            assert _check_password(stored, "Not-The-Password-7") == (False, False)
+            runs.append(time.process_time() - start)
+        return sorted(runs)[2]
+
+    assert cost(None) >= 0.5 * cost(real_hash), "the dummy check must cost about one verification"
+    seen: list[str | None] = []
+    real = passwords._check_password
+
+    def counted(stored: str | None, password: str) -> tuple[bool, bool]:
+        seen.append(stored)
+        return real(stored, password)
+
+    monkeypatch.setattr(passwords, "_check_password", counted)
+    async with server.client() as c:
+        assert (await login(c, "nobody@example.com", "Whatever-123")).status_code == 422
+    assert seen == [None], "an unknown user is checked against the dummy hash"
 
 
 async def test_argon2_parameters_meet_owasp_minimum() -> None:

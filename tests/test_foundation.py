@@ -571,3 +571,14 @@ async def test_registration_never_rewrites_a_migrated_shop_customer(
                 assert (await login(alice, "alice@example.com")).headers["location"] == "/dashboard"
             async with server.client() as mallory:
                 assert (await login(mallory, "alice@example.com", "Mallorys-Pass-99")).status_code == 422
+
+
+def test_domain_packages_load_no_web_framework() -> None:
+    """The rules (codes, mail, crypto, passwords) import nothing of Starlette: they can be used
+    and tested without HTTP, and a web framework change cannot reach them."""
+    domain = ["app.otp", "app.otp.engine", "app.otp.cleanup", "app.mail.outbox", "app.mail.dispatcher",
+              "app.mail.messages", "app.mail.transport", "app.security.crypto", "app.security.passwords"]
+    probe = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in domain) + \
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'jinja2_fragments', 'uvicorn')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

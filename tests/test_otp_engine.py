@@ -47,8 +47,63 @@ def test_codes_come_from_secrets_not_random() -> None:
     assert not re.search(r"^\s*(import random|from random)", source, re.M)
 
 
-def test_code_comparison_is_constant_time() -> None:
-    assert "hmac.compare_digest" in inspect.getsource(engine.verify)
+class NoEquals(str):
+    """A stored hash that fails the test if anything compares it with == (timing leaks)."""
+
+    def __eq__(self, other: object) -> bool:
+        raise AssertionError("compared with ==, not in constant time")
+
+    __ne__ = __eq__  # type: ignore[assignment]
+    __hash__ = str.__hash__
+
+
+async def test_code_comparison_is_constant_time(server: Running, smtp: Capture, clock: FixedClock) -> None:
+    """SECURITY.md 5: the Python path compares the keyed hashes with hmac.compare_digest (which
+    reads the bytes, never calling ==). The one-UPDATE fast path compares in SQL; it leaks
+    nothing usable: it compares HMAC(key, id:code) with the stored HMAC, so how far two hashes
+    agree says nothing about the code to anyone without SECRET_KEY (tests/README.md)."""
+    from dataclasses import replace
+
+    svc = server.services
+    async with server.client() as c:
+        await register(c)
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    row = await svc.db.fetch_one(sa.select(otp_verification))
+    challenge = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=row.id, nonce="x")
+    assert challenge is None  # another session's nonce: refused, by compare_digest too
+    loaded = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == row.id))
+    fake = engine.Challenge(
+        id=loaded.id, customer_id=loaded.customer_id, purpose=Purpose(loaded.purpose), kind=engine.Kind.CODE,
+        sent_to="x", attempts=0, created_at=loaded.created_at, expires_at=loaded.expires_at, used_at=None,
+        invalidated_at=None, locked_until=None, last_sent_at=None, code_hash=NoEquals(loaded.code_hash))
+    wrong = "000000" if code != "000000" else "111111"
+    verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=fake,
+                                  code=wrong)
+    assert verdict.status == "wrong"
+    verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                  challenge=replace(fake, attempts=1), code=code)
+    assert verdict.status == "verified"
+
+
+async def test_stored_hash_is_hmac_under_a_key_derived_from_secret_key(server: Running, smtp: Capture) -> None:
+    """SECURITY.md 2: HMAC-SHA256(key derived from SECRET_KEY, challenge id + code); an unkeyed
+    SHA-256 of the same input, or a hash under another key, is not what is stored."""
+    import hashlib
+    import hmac
+
+    from app.security.crypto import derive_key
+
+    svc = server.services
+    async with server.client() as c:
+        await register(c)
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+    row = await svc.db.fetch_one(sa.select(otp_verification.c.id, otp_verification.c.code_hash))
+    message = f"{row.id}\x1f{code}".encode()
+    key = derive_key(svc.settings.secret_key, "otp-code")
+    assert row.code_hash == hmac.new(key, message, hashlib.sha256).hexdigest()
+    assert row.code_hash != hashlib.sha256(message).hexdigest()
+    assert row.code_hash != hmac.new(derive_key("another-key-" + "x" * 40, "otp-code"), message,
+                                     hashlib.sha256).hexdigest()
 
 
 async def test_no_stored_row_contains_the_code(server: Running, smtp: Capture, clock: FixedClock) -> None:
@@ -423,18 +478,69 @@ async def test_resend_inside_cooldown_sends_nothing_even_with_cleared_cookies_an
 async def test_resend_at_61_seconds_sends_and_new_code_invalidates_old(
     server: Running, smtp: Capture, clock: FixedClock
 ) -> None:
+    """SECURITY.md 12 (until the code-mail issue lands): a new code ends the earlier ones. The
+    old code is tried where it could still work, against its own challenge, from the cookie
+    that held it before the resend."""
     async with server.client() as c:
         await register(c)
         old = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        before = dict(c.cookies)
         clock.advance(61)
         r = await resend(c)
         assert r.status_code == 303
         new = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
-        if old != new:
-            r = await submit_code(c, old)
-            assert r.status_code == 422
+        async with server.client(cookies=before) as old_tab:
+            r = await submit_code(old_tab, old)
+            assert r.status_code == 422 and "replaced" in r.text
         r = await submit_code(c, new)
         assert r.headers["location"] == "/dashboard"
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["after-password", "full-check"])
+async def test_a_registration_code_never_completes_a_sign_in_step(
+    server: Running, smtp: Capture, clock: FixedClock, fast_path: bool
+) -> None:
+    """SECURITY.md 4: a code is bound to its purpose. A sign-in step (with or without the
+    customer id a password leaves in the cookie) pointed at a registration challenge of the
+    same customer and session refuses its right code."""
+    import itsdangerous
+
+    from app.web.session import Pending, SessionCookie
+
+    svc = server.services
+    async with server.client() as c:
+        await registered(c, smtp)
+    customer = await svc.db.fetch_one(sa.select(customers.c.id, customers.c.session_version))
+    clock.advance(61)
+    issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer.id,
+                                purpose=Purpose.REGISTRATION, nonce="same-session", sent_to="x")
+    owner = (customer.id, customer.session_version) if fast_path else (None, None)
+    forged = SessionCookie(csrf="t", pending=Pending(issued.challenge_id, "same-session", "login", *owner))
+    signer = itsdangerous.TimestampSigner([svc.settings.secret_key], salt="cookie-session")
+    async with server.client(cookies={"session": signer.sign(forged.dump()).decode()}) as c:
+        r = await c.post("/verify", data={"csrf_token": "t", "code": issued.code})
+        assert r.headers.get("location") != "/dashboard", "a registration code signed in"
+    assert await svc.db.fetch_val(sa.select(otp_verification.c.used_at).where(
+        otp_verification.c.id == issued.challenge_id)) is None
+
+
+async def test_a_code_takes_at_most_max_attempts_entries_even_when_the_customer_is_not_locked(
+    server: Running, smtp: Capture
+) -> None:
+    """SECURITY.md 6, the per-code cap on its own: the customer's failure count is cleared after
+    every entry here, so only the code's own guarded count can refuse the sixth entry."""
+    svc = server.services
+    async with server.client() as c:
+        await register(c)
+        right = code_in((await wait_mail(smtp, "jane@example.com"))[0])
+        wrong = "000000" if right != "000000" else "111111"
+        for _ in range(6):
+            await submit_code(c, wrong)
+            await svc.db.execute(customers.update().values(otp_attempts=0, otp_locked_until=None))
+        r = await submit_code(c, right)
+        assert r.status_code == 422 and "Too many wrong entries for this code" in r.text
+    assert await svc.db.fetch_val(sa.select(otp_verification.c.attempts)) == 5
+    assert await svc.db.fetch_val(sa.select(otp_verification.c.used_at)) is None
 
 
 async def test_resend_with_htmx_inside_cooldown_answers_429_fragment(server: Running, smtp: Capture) -> None:

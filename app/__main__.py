@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.database import migrate
 
         migrate(settings.database_url)  # the embedded database keeps itself up to date
+    if settings.is_development:
+        shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        print(f"Computer Shop: http://{shown}:{args.port}/  (development inbox, codes included: "
+              f"http://{shown}:{args.port}/dev/mail)", flush=True)
     import uvicorn
 
     uvicorn.run(

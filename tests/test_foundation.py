@@ -296,6 +296,9 @@ def test_python_m_app_serves_home_and_healthz_on_embedded_sqlite(tmp_path: Path)
     finally:
         proc.terminate()
         proc.wait(10)
+        log.close()
+    # The newcomer is told where the codes are.
+    assert f"http://127.0.0.1:{port}/dev/mail" in (tmp_path / "serve.log").read_text()
 
 
 async def test_dashboard_shows_account_and_last_sign_ins(server: Running, smtp: Capture) -> None:

@@ -259,6 +259,10 @@ async def test_dev_inbox_exists_only_in_development(settings: Settings, clock: F
         page = await c.get("/dev/mail")
         assert page.status_code == 200 and "Your Computer Shop verification code" in page.text
         assert CODE_LINE.search(page.text.replace("<pre>", "\n").replace("</pre>", "\n")) or re.search(r"\b\d{6}\b", page.text)
+        code = code_in((await wait_mail(smtp, "jane@example.com"))[0]) if smtp.to("jane@example.com") else None
+        shown = re.search(r"<mark>(\d{6})</mark>", page.text)
+        assert shown and (code is None or shown.group(1) == code), "each code is highlighted"
+        assert 'hx-trigger="every 3s"' in page.text, "the inbox looks for new mail by itself"
         message_id = re.search(r'src="/dev/mail/(\d+)"', page.text).group(1)  # type: ignore[union-attr]
         frame = await c.get(f"/dev/mail/{message_id}")
         assert frame.status_code == 200 and "Welcome to Computer Shop" in frame.text

@@ -29,7 +29,9 @@ async def dev_mail(request: Request) -> Response:
         text = html = None
         if item["context"] is not None:
             _, text, html = render_mail(item["kind"], item["context"])
-        items.append({**item, "subject": SUBJECTS.get(item["kind"], item["kind"]), "text": text, "html": html})
+        code = (item["context"] or {}).get("code")
+        items.append({**item, "subject": SUBJECTS.get(item["kind"], item["kind"]), "text": text, "html": html,
+                      "code": code})
     return render(request, "dev/mail.html", {"messages": items}, fragment=False)
 
 

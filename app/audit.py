@@ -28,6 +28,11 @@ class Event(StrEnum):
     SESSION_REVOKED = "session_revoked"
     PASSWORD_FAILED = "password_failed"
     RESEND_REFUSED = "resend_refused"
+    RESET_REQUESTED = "reset_requested"
+    PASSWORD_RESET = "password_reset"
+    PASSWORD_CHANGED = "password_changed"
+    EMAIL_CHANGED = "email_changed"
+    ACCOUNT_DELETED = "account_deleted"
 
 
 EVENTS = frozenset(Event)

@@ -93,6 +93,7 @@ otp_verification = sa.Table(
     sa.Column("mail_id", sa.BigInteger, nullable=True),
     sa.Index("ix_otp_customer_open", "customer_id", "used_at", "invalidated_at"),
     sa.Index("ix_otp_expires_at", "expires_at"),
+    sa.Index("ix_otp_sent_to", "sent_to", "purpose", "created_at"),  # a stand-in's ledger, carried per address
 )
 
 otp_stats = sa.Table(

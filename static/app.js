@@ -46,9 +46,44 @@
     });
   }
 
+  // A password's show/hide button: a real button that says whether it is pressed.
+  function wireReveal(button) {
+    if (button.getAttribute("data-wired")) return;
+    button.setAttribute("data-wired", "1");
+    var input = document.getElementById(button.getAttribute("data-reveal"));
+    if (!input) return;
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      var shown = input.type === "password";
+      input.type = shown ? "text" : "password";
+      button.setAttribute("aria-pressed", shown ? "true" : "false");
+      button.firstChild.textContent = shown ? "Hide" : "Show";
+    });
+  }
+
+  // Moments the server wrote in words ("just now", "for 15 more minutes") become this
+  // customer's own clock time ("at 10:42", "until 10:57"); no UTC to convert in one's head.
+  function localTime(el) {
+    if (el.getAttribute("data-localised")) return;
+    var when = new Date(el.getAttribute("datetime"));
+    if (isNaN(when.getTime())) return;
+    el.setAttribute("data-localised", "1");
+    var clock = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    var sameDay = when.toDateString() === new Date().toDateString();
+    var day = when.toLocaleDateString([], { day: "numeric", month: "short", year: sameDay ? undefined : "numeric" });
+    var kind = el.getAttribute("data-local");
+    var text = kind === "until" ? "until " + clock : "at " + clock;
+    if (!sameDay) text = (kind === "until" ? "until " : "on ") + day + ", " + clock;
+    else if (kind === "on") text = "today at " + clock;
+    el.setAttribute("title", when.toLocaleString());
+    el.textContent = text;
+  }
+
   function enhance(root) {
     root.querySelectorAll("[data-countdown]").forEach(startCountdown);
     root.querySelectorAll("[data-code-input]").forEach(wireCodeInput);
+    root.querySelectorAll("[data-reveal]").forEach(wireReveal);
+    root.querySelectorAll("time[data-local]").forEach(localTime);
   }
 
   function placeFocus(root) {

@@ -172,6 +172,7 @@ async def test_werkzeug_hashes_verify_and_are_rehashed_to_argon2id(
     assert stored.startswith("$argon2id$")
     async with server.client() as c:
         assert (await login(c, "oldie")).headers["location"] == "/dashboard"
+    async with server.client() as c:
         assert (await login(c, "oldie", "not-the-password")).status_code == 422
 
 

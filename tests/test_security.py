@@ -56,13 +56,35 @@ async def test_every_post_route_is_csrf_protected(server: Running) -> None:
             assert getattr(route.endpoint, "csrf_protected", False), route.path
 
 
-@pytest.mark.parametrize("path", ["/register", "/login", "/verify", "/verify/resend", "/logout", "/logout/everywhere"])
+@pytest.mark.parametrize("path", ["/register", "/login", "/verify", "/verify/resend", "/password/forgot",
+                                  "/password/new", "/register/email"])
 async def test_post_without_csrf_token_is_refused_with_403(client: httpx.AsyncClient, path: str) -> None:
+    """From this site but without this session's token: most likely a tab left open past its
+    session, and the page says so (from another site it says so too: see below)."""
     await client.get("/login")  # a session with a token exists, but the request omits it
     r = await client.post(path, data={"login": "x", "password": "y", "code": "123456"})
-    assert r.status_code == 403 and "Please start again" in r.text
+    assert r.status_code == 403 and "Your session has ended, please sign in again" in r.text
     r = await client.post(path, data={"csrf_token": "forged"}, headers={"HX-Request": "true"})
-    assert r.status_code == 403 and "<html" not in r.text
+    assert r.status_code == 403 and "<html" not in r.text and "Your session has ended" in r.text
+
+
+@pytest.mark.parametrize("path", ["/logout", "/logout/everywhere"])
+async def test_signing_out_without_a_live_session_says_you_are_signed_out(
+    server: Running, smtp: Capture, path: str
+) -> None:
+    """A tab whose session already ended (signed out in another tab): "you are signed out",
+    not a refusal. A live session is still ended only with its token."""
+    async with server.client() as c:
+        await registered(c, smtp)
+        stale = await get_csrf(c, "/dashboard")
+        r = await c.post(path, data={"csrf_token": "not-this-sessions-token"})
+        assert r.status_code == 403 and "Your session has ended" in r.text
+        assert (await c.get("/dashboard")).status_code == 200, "a live session is not ended without its token"
+        await c.post("/logout", data={"csrf_token": stale})  # signed out in "another tab"
+        r = await c.post(path, data={"csrf_token": stale})
+        assert r.status_code == 303 and r.headers["location"] == "/login?signed_out=1"
+        r = await c.post(path, data={"csrf_token": stale}, headers={"HX-Request": "true"})
+        assert r.status_code == 200 and "/login?signed_out=1" in r.headers["HX-Location"]
 
 
 @pytest.mark.parametrize(

@@ -86,19 +86,86 @@ def registration(data: Mapping[str, object]) -> Form:
     elif not USERNAME.match(username):
         form.errors["username"] = "Use 3 to 30 letters, digits, dots, dashes or underscores, starting with a letter or digit."
 
-    email = normalize_email(email_raw) if email_raw else None
-    if not email_raw:
-        form.errors["email"] = "Enter your email address."
-    elif email is None:
-        form.errors["email"] = "Enter an email address like name@example.com."
+    email, problem = email_field(email_raw)
+    if problem:
+        form.errors["email"] = problem
     else:
         form.values["email"] = email
 
-    problem = check_password(password, email=email or email_raw, username=username)
+    problem = check_password(password, email=email, username=username)
     if problem:
         form.errors["password"] = problem
     elif confirm != password:
         form.errors["confirm_password"] = "The two passwords do not match."
+    return form
+
+
+EMAIL_MAX = 254  # RFC 5321's limit on a whole address
+
+
+def email_field(raw: str) -> tuple[str, str | None]:
+    """(normalised address, None) or (what was typed, a message saying what to do)."""
+    raw = raw.strip()
+    if not raw:
+        return raw, "Enter your email address."
+    if len(raw) > EMAIL_MAX:
+        return raw, f"That address is too long: an email address has at most {EMAIL_MAX} characters."
+    email = normalize_email(raw)
+    if email is None:
+        return raw, "Enter an email address like name@example.com."
+    return email, None
+
+
+def new_password(data: Mapping[str, object], *, email: str, username: str, form: Form | None = None,
+                 field: str = "new_password", confirm: str = "confirm_new_password") -> Form:
+    """A new password and its confirmation, held to the registration's rules."""
+    form = form or Form()
+    password, again = _text(data.get(field)), _text(data.get(confirm))
+    problem = check_password(password, email=email, username=username)
+    if problem:
+        form.errors[field] = problem
+    elif again != password:
+        form.errors[confirm] = "The two passwords do not match."
+    return form
+
+
+def forgot(data: Mapping[str, object]) -> Form:
+    """The "forgot password" form: one address."""
+    form = Form()
+    email, problem = email_field(_text(data.get("email")))
+    form.values["email"] = email
+    if problem:
+        form.errors["email"] = problem
+    return form
+
+
+def change_password(data: Mapping[str, object], *, email: str, username: str) -> Form:
+    form = Form()
+    if not _text(data.get("current_password")):
+        form.errors["current_password"] = "Enter your current password."
+    new_password(data, email=email, username=username, form=form)
+    if not form.errors and _text(data.get("current_password")) == _text(data.get("new_password")):
+        form.errors["new_password"] = "Choose a password different from the current one."
+    return form
+
+
+def change_email(data: Mapping[str, object], *, current: str) -> Form:
+    form = Form()
+    email, problem = email_field(_text(data.get("new_email")))
+    form.values["new_email"] = email
+    if problem:
+        form.errors["new_email"] = problem.replace("Enter your email address.", "Enter the new email address.")
+    elif email == current.lower():
+        form.errors["new_email"] = "That is already your email address."
+    if not _text(data.get("password")):
+        form.errors["password"] = "Enter your password to confirm the change."
+    return form
+
+
+def password_only(data: Mapping[str, object]) -> Form:
+    form = Form()
+    if not _text(data.get("password")):
+        form.errors["password"] = "Enter your password to confirm."
     return form
 
 

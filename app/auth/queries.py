@@ -11,7 +11,7 @@ from databases import Database
 
 from app import sql
 from app.database import transact
-from app.tables import auth_events, auth_sessions, customers, otp_verification
+from app.tables import auth_events, auth_sessions, customers, mail_outbox, otp_verification
 
 SIGNUP, SHOP = "signup", "shop"  # customers.source: this app's registration, or the shop's own rows
 
@@ -252,13 +252,65 @@ _REVOKE_ALL = (
 )
 
 
+async def revoke_all_now(db: Database, customer_id: int, now: datetime) -> None:
+    """revoke_all's statements, inside the caller's transaction."""
+    for query in _REVOKE_ALL:
+        await sql.execute(db, query, cid=customer_id, now=now)
+
+
 async def revoke_all(db: Database, customer_id: int, now: datetime) -> None:
     """End every session of a customer: rows revoked, the version bumped, open codes void."""
-    async def work() -> None:
-        for query in _REVOKE_ALL:
-            await sql.execute(db, query, cid=customer_id, now=now)
+    await transact(db, lambda: revoke_all_now(db, customer_id, now))
 
-    await transact(db, work)
+
+_VERSION = sql.Query(sa.select(customers.c.session_version).where(customers.c.id == sa.bindparam("cid")))
+
+
+async def session_version(db: Database, customer_id: int) -> int | None:
+    found = await sql.fetch_val(db, _VERSION, cid=customer_id)
+    return None if found is None else int(found)
+
+
+_SET_EMAIL = sql.Query(
+    customers.update().where(customers.c.id == sa.bindparam("cid"))
+    .values(email=sa.bindparam("new_email"), email_verified_at=sa.bindparam("now"))
+)
+
+
+async def set_email(db: Database, customer_id: int, email: str, now: datetime) -> bool:
+    """A new, confirmed address (IntegrityError when another account took it meanwhile)."""
+    return bool(await sql.execute(db, _SET_EMAIL, cid=customer_id, new_email=email, now=now))
+
+
+_MOVE_SIGNUP = sql.Query(
+    customers.update()
+    .where(customers.c.id == sa.bindparam("cid"), customers.c.source == SIGNUP,
+           customers.c.email_verified_at.is_(None))
+    .values(email=sa.bindparam("new_email"))
+)
+
+
+async def move_signup(db: Database, customer_id: int, email: str) -> bool:
+    """An unconfirmed sign-up takes another address (the customer mistyped it); never a
+    confirmed account or a shop customer."""
+    return bool(await sql.execute(db, _MOVE_SIGNUP, cid=customer_id, new_email=email))
+
+
+_DELETE_ACCOUNT = (
+    # What is the customer's goes; the audit keeps the events with the customer id alone.
+    sql.Query(otp_verification.delete().where(otp_verification.c.customer_id == sa.bindparam("cid"))),
+    sql.Query(auth_sessions.delete().where(auth_sessions.c.customer_id == sa.bindparam("cid"))),
+    sql.Query(mail_outbox.delete().where(mail_outbox.c.customer_id == sa.bindparam("cid"))),
+    sql.Query(auth_events.update().where(auth_events.c.customer_id == sa.bindparam("cid"))
+              .values(ip="", user_agent="")),
+    sql.Query(customers.delete().where(customers.c.id == sa.bindparam("cid"))),
+)
+
+
+async def delete_account(db: Database, customer_id: int) -> None:
+    """Delete a customer with their codes, sessions and queued mail (call in a transaction)."""
+    for query in _DELETE_ACCOUNT:
+        await sql.execute(db, query, cid=customer_id)
 
 
 def _dashboard_query() -> sql.Query:

@@ -1,5 +1,6 @@
-"""Register, sign in, the code step, resend, sign out. Thin: each endpoint parses the form
-(forms.py), calls one use case (flows.py), and renders a page or a fragment."""
+"""Register, sign in, forgot password, the code step, resend, sign out. Thin: each endpoint
+parses the form (forms.py), calls one use case (flows.py, recovery.py), and renders a page or a
+fragment."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app import otp
-from app.auth import flows, forms, sessions
-from app.auth.flows import SignedIn, Step
+from app.auth import flows, forms, recovery, sessions
+from app.auth.flows import Refused, SignedIn, Step
 from app.htmx import redirect, wants_fragment
 from app.mail.outbox import MailStatus
-from app.otp import Kind, Outcome
+from app.otp import Kind, Outcome, Purpose
 from app.templating import render
-from app.web.guards import csrf_only, guarded, one_connection
+from app.web.guards import guarded, one_connection, signing_out
 from app.web.request import client_of, services
 from app.web.session import cookie_of
 
@@ -25,13 +26,35 @@ WRONG_LOGIN = "That username or email and password do not match an account."
 # state: a decoy that shows the state of a notice sent earlier reads exactly like a new code.
 SHOWN_PENDING_FOR = 1.5
 MAIL_DELAYED_AFTER = 15
+# One-time messages a redirect carries to the next page (cookie.notice), by name.
+NOTICES = {
+    "resent": "A new code is on its way. Earlier codes no longer work.",
+    "reused": "We did not send another code: the one we sent you a moment ago still works for this step.",
+    "password-reset": "Your new password is set. Every other device was signed out.",
+    "password-changed": "Your password was changed. Every other device was signed out.",
+    "email-changed": "Your email address was changed.",
+}
+HEADINGS = {Purpose.REGISTRATION: "Confirm your email", Purpose.LOGIN: "Enter your sign-in code",
+            Purpose.RESET: "Enter your reset code", Purpose.EMAIL: "Confirm your new email address",
+            Purpose.DELETE: "Confirm deleting your account"}
+# Where "Start again" (or "Cancel") leads from the code step.
+START_AGAIN = {Purpose.REGISTRATION: "/register", Purpose.LOGIN: "/login", Purpose.RESET: "/password/forgot",
+               Purpose.EMAIL: "/account", Purpose.DELETE: "/account"}
+
+
+async def _signed_in_elsewhere(request: Request) -> Response | None:
+    """A signed-in customer has no business on the sign-in pages: to the dashboard."""
+    if await sessions.current(request) is not None:
+        return redirect(request, "/dashboard")
+    return None
 
 
 # --- registration ------------------------------------------------------------------------
 
 
+@one_connection
 async def register_form(request: Request) -> Response:
-    return render(request, "auth/register.html", {"form": forms.Form()})
+    return await _signed_in_elsewhere(request) or render(request, "auth/register.html", {"form": forms.Form()})
 
 
 @guarded("register")
@@ -41,19 +64,52 @@ async def register_submit(request: Request) -> Response:
     if not form.ok:
         return render(request, "auth/register.html", {"form": form}, status=422)
     seed = cookie_of(request).csrf  # the guard checked it: the same form sent twice shares it
-    step = await flows.register(
+    result = await flows.register(
         services(request), client_of(request), full_name=form.values["full_name"], username=form.values["username"],
         email=form.values["email"], password=str(data["password"]), seed=seed,
     )
-    sessions.start_pending(request, step)
-    return await _code_step_after_post(request, step)
+    if isinstance(result, Refused):
+        form.errors[result.field] = result.message
+        return render(request, "auth/register.html", {"form": form}, status=422)
+    sessions.start_pending(request, result)
+    return await code_step_after_post(request, result)
+
+
+@one_connection
+async def register_email_form(request: Request) -> Response:
+    """Change the address of a pending registration (the customer mistyped it)."""
+    step = sessions.pending_step(request)
+    challenge = await flows.load(services(request), step) if step and step.purpose is Purpose.REGISTRATION else None
+    if challenge is None or challenge.used_at is not None:
+        return _gone(request)
+    form = forms.Form(values={"email": challenge.sent_to})
+    return render(request, "auth/register_email.html", {"form": form})
+
+
+@guarded("register")
+async def register_email_submit(request: Request) -> Response:
+    step = sessions.pending_step(request)
+    if step is None or step.purpose is not Purpose.REGISTRATION:
+        return _gone(request)
+    form = forms.forgot(dict(await request.form()))
+    if not form.ok:
+        return render(request, "auth/register_email.html", {"form": form}, status=422)
+    result = await flows.change_registration_email(services(request), client_of(request), step, form.values["email"])
+    if result is None:
+        return _gone(request)
+    if isinstance(result, Refused):
+        form.errors[result.field] = result.message
+        return render(request, "auth/register_email.html", {"form": form}, status=422)
+    sessions.start_pending(request, result)
+    return await code_step_after_post(request, result)
 
 
 # --- sign-in -----------------------------------------------------------------------------
 
 
+@one_connection
 async def login_form(request: Request) -> Response:
-    return render(request, "auth/login.html", {"form": forms.Form()})
+    return await _signed_in_elsewhere(request) or render(request, "auth/login.html", {"form": forms.Form()})
 
 
 @guarded("login")
@@ -72,7 +128,54 @@ async def login_submit(request: Request) -> Response:
         return redirect(request, "/dashboard")
     sessions.start_pending(request, result)
     async with services(request).db.connection():
-        return await _code_step_after_post(request, result)
+        return await code_step_after_post(request, result)
+
+
+# --- forgot password ---------------------------------------------------------------------
+
+
+@one_connection
+async def forgot_form(request: Request) -> Response:
+    return await _signed_in_elsewhere(request) or render(request, "auth/forgot.html", {"form": forms.Form()})
+
+
+@guarded("forgot")
+async def forgot_submit(request: Request) -> Response:
+    form = forms.forgot(dict(await request.form()))
+    if not form.ok:
+        return render(request, "auth/forgot.html", {"form": form}, status=422)
+    step = await recovery.request_reset(services(request), client_of(request), email=form.values["email"])
+    sessions.start_pending(request, step)
+    async with services(request).db.connection():
+        return await code_step_after_post(request, step)
+
+
+@one_connection
+async def new_password_form(request: Request) -> Response:
+    step = sessions.pending_step(request)
+    customer = await recovery.reset_customer(services(request), step) if step else None
+    if customer is None:
+        return _gone(request, "/password/forgot")
+    return render(request, "auth/new_password.html", {"form": forms.Form()})
+
+
+@guarded("reset")
+async def new_password_submit(request: Request) -> Response:
+    step = sessions.pending_step(request)
+    svc = services(request)
+    customer = await recovery.reset_customer(svc, step) if step else None
+    if step is None or customer is None:
+        return _gone(request, "/password/forgot")
+    data = dict(await request.form())
+    form = forms.new_password(data, email=customer.email, username=customer.username or "")
+    if not form.ok:
+        return render(request, "auth/new_password.html", {"form": form}, status=422)
+    signed = await recovery.set_new_password(svc, client_of(request), step, password=str(data["new_password"]))
+    if signed is None:
+        return _gone(request, "/password/forgot")
+    sessions.signed_in(request, signed)
+    cookie_of(request).notice = "password-reset"
+    return redirect(request, "/dashboard")
 
 
 # --- the code step -----------------------------------------------------------------------
@@ -93,7 +196,9 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
         "challenge": challenge,
         "sent_to": challenge.sent_to,
         "purpose": challenge.purpose.value,
-        "resend_wait": wait,
+        "heading": HEADINGS[challenge.purpose],
+        "start_again": START_AGAIN[challenge.purpose],
+        "resend_wait": 0 if locked else wait,
         "asked_at": challenge.created_at,
         "expires_at": challenge.expires_at,
         "expired": challenge.expires_at <= now,
@@ -110,40 +215,60 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
     return ctx
 
 
-async def _code_step_after_post(request: Request, step: Step) -> Response:
-    """After register or sign-in: htmx gets the code step in place, a plain browser a 303."""
+async def code_step_after_post(request: Request, step: Step) -> Response:
+    """After a form that starts a code step: htmx gets the step in place, a plain browser a 303."""
     if not wants_fragment(request):
+        if step.reused:
+            cookie_of(request).notice = "reused"  # said once by the next GET /verify
         return redirect(request, "/verify")
     challenge = await flows.load(services(request), step)
     assert challenge is not None
-    return render(request, "auth/verify.html", _step_context(request, challenge, announce=True),
-                  headers={"HX-Push-Url": "/verify"})
+    ctx = _step_context(request, challenge, announce=True, notice=NOTICES["reused"] if step.reused else None)
+    return render(request, "auth/verify.html", ctx, headers={"HX-Push-Url": "/verify"})
 
 
-def _gone(request: Request) -> Response:
+def _gone(request: Request, to: str = "/login") -> Response:
     """The pending step is finished or was never there: a finished step is not a way back in."""
     sessions.drop_pending(request)
-    return redirect(request, "/login")
+    return redirect(request, to)
+
+
+def take_notice(request: Request) -> str | None:
+    cookie = cookie_of(request)
+    name = cookie.notice
+    if name:
+        cookie.notice = None  # shown once
+    return NOTICES.get(name or "")
+
+
+async def _signed_in_as(request: Request, step: Step) -> int | None:
+    """Changing the address or deleting the account is a step inside a signed-in session."""
+    if step.purpose not in (Purpose.EMAIL, Purpose.DELETE):
+        return None
+    signed = await sessions.current(request)
+    return signed[1].id if signed else None
 
 
 @one_connection
 async def verify_form(request: Request) -> Response:
     step = sessions.pending_step(request)
-    challenge = await flows.load(services(request), step) if step else None
+    if step is None:
+        return await _signed_in_elsewhere(request) or redirect(request, "/login")
+    svc = services(request)
+    challenge = await flows.load(svc, step)
+    if step.purpose is Purpose.RESET and challenge is not None and challenge.used_at is not None:
+        return redirect(request, "/password/new")  # the code was right: the new password is next
     if challenge is None or challenge.used_at is not None:
+        return await _signed_in_elsewhere(request) or _gone(request)
+    if step.purpose in (Purpose.EMAIL, Purpose.DELETE) and await _signed_in_as(request, step) != challenge.customer_id:
         return _gone(request)
-    cookie = cookie_of(request)
-    notice = RESENT if cookie.notice == "resent" else None
-    if cookie.notice:
-        cookie.notice = None  # shown once
-    return render(request, "auth/verify.html", _step_context(request, challenge, notice=notice))
+    return render(request, "auth/verify.html", _step_context(request, challenge, notice=take_notice(request)))
 
 
-RESENT = "A new code is on its way. Earlier codes no longer work."
 MESSAGES = {
     Outcome.INVALID: "This code has been replaced by a newer one or already used. Use the newest code, or request a new one.",
     Outcome.DEAD: "Too many wrong entries for this code. Request a new code.",
-    Outcome.EXPIRED: "This code has expired. Request a new one.",
+    Outcome.EXPIRED: "This code has expired.",
 }
 
 
@@ -154,10 +279,20 @@ async def verify_submit(request: Request) -> Response:
     if step is None:
         return redirect(request, "/login")
     code, problem = forms.code(dict(await request.form()))
-    result = await flows.submit_code(services(request), client_of(request), step, code, problem)
+    result = await flows.submit_code(services(request), client_of(request), step, code, problem,
+                                     signed_in_as=await _signed_in_as(request, step))
     if result.signed_in is not None:
         sessions.signed_in(request, result.signed_in)
         return redirect(request, "/dashboard")
+    if result.reset_ready:
+        return redirect(request, "/password/new")
+    if result.email_changed is not None:
+        sessions.drop_pending(request)
+        cookie_of(request).notice = "email-changed"
+        return redirect(request, "/account")
+    if result.deleted:
+        cookie_of(request).clear()
+        return redirect(request, "/login?deleted=1")
     if result.challenge is None:
         return _gone(request)
     verdict = result.verdict
@@ -168,12 +303,12 @@ async def verify_submit(request: Request) -> Response:
         left = verdict.attempts_left
         error = f"That code is not right. {left} {'attempt' if left == 1 else 'attempts'} left."
     elif verdict.status is Outcome.LOCKED:
-        error = "Too many wrong codes. For your safety, codes are paused until the time below."
+        error = "Too many wrong codes."
     else:
         error = MESSAGES[verdict.status]
     ctx = _step_context(request, result.challenge, error=error)
     if verdict.status is Outcome.LOCKED:
-        ctx["locked_until"] = verdict.locked_until
+        ctx["locked_until"], ctx["resend_wait"] = verdict.locked_until, 0
     return render(request, "auth/verify.html", ctx, status=422)
 
 
@@ -181,12 +316,13 @@ async def verify_submit(request: Request) -> Response:
 @one_connection
 async def resend(request: Request) -> Response:
     step = sessions.pending_step(request)
-    result = await flows.resend(services(request), client_of(request), step) if step else flows.ResendResult()
+    svc = services(request)
+    result = (await flows.resend(svc, client_of(request), step, signed_in_as=await _signed_in_as(request, step))
+              if step else flows.ResendResult())
     if result.challenge is None:
         return _gone(request)
     if result.locked:
-        ctx = _step_context(request, result.challenge, error="Codes are paused until the time below.")
-        return render(request, "auth/verify.html", ctx, status=422)
+        return render(request, "auth/verify.html", _step_context(request, result.challenge), status=422)
     if result.wait:
         ctx = _step_context(request, result.challenge, resend_wait=result.wait,
                             error=f"Please wait {result.wait} seconds before asking for another code.")
@@ -194,11 +330,11 @@ async def resend(request: Request) -> Response:
     assert step is not None and result.new_challenge_id is not None
     sessions.set_pending_challenge(request, result.new_challenge_id)
     if not wants_fragment(request):
-        cookie_of(request).notice = "resent"  # shown once by the next GET /verify
+        cookie_of(request).notice = "resent"  # said once by the next GET /verify
         return redirect(request, "/verify")
-    fresh = await flows.load(services(request), Step(result.new_challenge_id, step.nonce, step.purpose, step.owner))
+    fresh = await flows.load(svc, Step(result.new_challenge_id, step.nonce, step.purpose, step.owner))
     assert fresh is not None
-    return render(request, "auth/verify.html", _step_context(request, fresh, notice=RESENT, announce=True))
+    return render(request, "auth/verify.html", _step_context(request, fresh, notice=NOTICES["resent"], announce=True))
 
 
 @one_connection
@@ -214,7 +350,7 @@ async def delivery(request: Request) -> Response:
 # --- sign-out ----------------------------------------------------------------------------
 
 
-@csrf_only
+@signing_out
 @one_connection
 async def logout(request: Request) -> Response:
     cookie = cookie_of(request)
@@ -225,7 +361,7 @@ async def logout(request: Request) -> Response:
     return redirect(request, "/login?signed_out=1")
 
 
-@csrf_only
+@signing_out
 @one_connection
 async def logout_everywhere(request: Request) -> Response:
     signed = await sessions.current(request)
@@ -238,8 +374,14 @@ async def logout_everywhere(request: Request) -> Response:
 routes = [
     Route("/register", register_form, methods=["GET"], name="auth:register"),
     Route("/register", register_submit, methods=["POST"], name="auth:register_submit"),
+    Route("/register/email", register_email_form, methods=["GET"], name="auth:register_email"),
+    Route("/register/email", register_email_submit, methods=["POST"], name="auth:register_email_submit"),
     Route("/login", login_form, methods=["GET"], name="auth:login"),
     Route("/login", login_submit, methods=["POST"], name="auth:login_submit"),
+    Route("/password/forgot", forgot_form, methods=["GET"], name="auth:forgot"),
+    Route("/password/forgot", forgot_submit, methods=["POST"], name="auth:forgot_submit"),
+    Route("/password/new", new_password_form, methods=["GET"], name="auth:new_password"),
+    Route("/password/new", new_password_submit, methods=["POST"], name="auth:new_password_submit"),
     Route("/verify", verify_form, methods=["GET"], name="auth:verify"),
     Route("/verify", verify_submit, methods=["POST"], name="auth:verify_submit"),
     Route("/verify/resend", resend, methods=["POST"], name="auth:resend"),

@@ -25,6 +25,11 @@ def start_pending(request: Request, step: Step) -> None:
     cookie.pending = Pending(step.challenge_id, step.nonce, step.purpose.value, owner[0], owner[1])
 
 
+def start_side_step(request: Request, step: Step) -> None:
+    """A code step inside a signed-in session (a new address, a deletion): the session stays."""
+    cookie_of(request).pending = Pending(step.challenge_id, step.nonce, step.purpose.value)
+
+
 def pending_step(request: Request) -> Step | None:
     p = cookie_of(request).pending
     if p is None:

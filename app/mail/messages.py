@@ -20,8 +20,15 @@ TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates" / "email
 SUBJECTS = {
     "registration_code": "Your Computer Shop verification code",
     "login_code": "Your Computer Shop sign-in code",
+    "reset_code": "Your Computer Shop password reset code",
+    "email_code": "Confirm your new Computer Shop email address",
+    "delete_code": "Your Computer Shop account deletion code",
     "account_exists": "You already have a Computer Shop account",
-    "username_taken": "Your Computer Shop registration",
+    "username_taken": "Your Computer Shop registration",  # no longer sent; kept for mail queued before
+    "password_changed": "Your Computer Shop password was changed",
+    "email_changed": "Your Computer Shop email address was changed",
+    "address_in_use": "Someone tried to use your email address",
+    "account_deleted": "Your Computer Shop account was deleted",
 }
 
 html_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)

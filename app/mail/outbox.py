@@ -37,11 +37,19 @@ class MailStatus(StrEnum):
 class MailKind(StrEnum):
     REGISTRATION_CODE = "registration_code"
     LOGIN_CODE = "login_code"
+    RESET_CODE = "reset_code"
+    EMAIL_CODE = "email_code"
+    DELETE_CODE = "delete_code"
     ACCOUNT_EXISTS = "account_exists"
-    USERNAME_TAKEN = "username_taken"
+    USERNAME_TAKEN = "username_taken"  # no longer sent (usernames are said taken on the form)
+    PASSWORD_CHANGED = "password_changed"
+    EMAIL_CHANGED = "email_changed"
+    ADDRESS_IN_USE = "address_in_use"
+    ACCOUNT_DELETED = "account_deleted"
 
 
-CODE_KINDS = frozenset({MailKind.REGISTRATION_CODE, MailKind.LOGIN_CODE})
+CODE_KINDS = frozenset({MailKind.REGISTRATION_CODE, MailKind.LOGIN_CODE, MailKind.RESET_CODE, MailKind.EMAIL_CODE,
+                        MailKind.DELETE_CODE})
 
 
 @dataclass(frozen=True)

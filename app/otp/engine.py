@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from databases import Database
@@ -32,8 +32,11 @@ class Kind(StrEnum):
 
 
 class Purpose(StrEnum):
-    REGISTRATION = "registration"
-    LOGIN = "login"
+    REGISTRATION = "registration"  # confirm the address of a new account
+    LOGIN = "login"  # the second step after a password
+    RESET = "reset"  # prove the mailbox before choosing a new password
+    EMAIL = "email"  # confirm a new address for a signed-in customer
+    DELETE = "delete"  # confirm that a signed-in customer deletes the account
 
 
 class Outcome(StrEnum):
@@ -56,7 +59,8 @@ class OtpPolicy:
     lockout_schedule: tuple[int, ...] = (60, 300, 900, 3600)
 
     def ttl(self, purpose: Purpose) -> int:
-        return self.registration_ttl if purpose is Purpose.REGISTRATION else self.login_ttl
+        """Confirming an address (a new account, a new email) gets the longer lifetime."""
+        return self.registration_ttl if purpose in (Purpose.REGISTRATION, Purpose.EMAIL) else self.login_ttl
 
     def lockout(self, level: int) -> int:
         return self.lockout_schedule[min(level, len(self.lockout_schedule) - 1)]
@@ -115,6 +119,17 @@ class Challenge:
         if self.kind is Kind.DECOY or self.last_sent_at is None:
             return _left(self.created_at, policy.resend_cooldown, now)
         return _left(self.last_sent_at, policy.resend_cooldown, now)
+
+
+class Ledger(Protocol):
+    """A stand-in's own failure count, carried from one to the next for the same address."""
+
+    @property
+    def failures(self) -> int: ...
+    @property
+    def lockouts(self) -> int: ...
+    @property
+    def locked_until(self) -> datetime | None: ...
 
 
 @dataclass(frozen=True)
@@ -223,6 +238,7 @@ async def issue(
     nonce: str,
     sent_to: str,
     claim: str | None = None,
+    cooldown: bool = True,
 ) -> Issued:
     """Issue a new code, invalidating the customer's open ones; Cooldown if too soon.
 
@@ -230,7 +246,9 @@ async def issue(
     applied only when this code is entered. Call inside a transaction together with queueing
     its mail, so that a code exists exactly when its mail does.
     """
-    threshold = now - timedelta(seconds=policy.resend_cooldown)
+    # cooldown=False: the customer's cooldown is taken whatever it holds (the caller limits the
+    # mail some other way, e.g. per address); the open codes still end.
+    threshold = now - timedelta(seconds=policy.resend_cooldown) if cooldown else now + timedelta(days=1)
     if not await _ending_open_codes_if(db, _TAKE_COOLDOWN, _TAKE_COOLDOWN_ENDING_OPEN, cid=customer_id,
                                        threshold=threshold, now=now):
         raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
@@ -257,8 +275,9 @@ async def stand_in(
     nonce: str,
     sent_to: str,
     kind: Kind,
-    carry: Challenge | None = None,
+    carry: Ledger | None = None,
     mail_id: int | None = None,
+    claim: str | None = None,
 ) -> int:
     """A challenge no code was mailed for (placeholder or decoy). It can never verify, and it
     neither invalidates the customer's real codes nor touches their cooldown. `mail_id`: a mail
@@ -273,9 +292,27 @@ async def stand_in(
         failures=carry.failures if carry else 0,
         lockouts=carry.lockouts if carry else 0,
         locked_until=carry.locked_until if carry else None,
-        claim=None, mail_id=mail_id,
+        claim=claim, mail_id=mail_id,
     )
     return challenge_id
+
+
+_LATEST_DECOY = sql.Query(
+    sa.select(o.c.failures, o.c.lockouts, o.c.locked_until)
+    .where(o.c.sent_to == sa.bindparam("sent_to"), o.c.purpose == sa.bindparam("purpose"),
+           o.c.kind == Kind.DECOY.value, o.c.created_at > sa.bindparam("since"))
+    .order_by(o.c.created_at.desc())
+    .limit(1)
+)
+
+
+async def latest_decoy(db: Database, *, purpose: Purpose, sent_to: str, now: datetime,
+                       policy: OtpPolicy) -> Ledger | None:
+    """The newest stand-in for this address and purpose (within the longest lockout): a new one
+    starts from its failures and lockout, as a real customer's would, whichever session asks."""
+    since = now - timedelta(seconds=max(policy.lockout_schedule) + policy.login_ttl)
+    found: Ledger | None = await sql.fetch_one(db, _LATEST_DECOY, sent_to=sent_to, purpose=purpose.value, since=since)
+    return found
 
 
 _NEWEST_OPEN = sql.Query(
@@ -326,6 +363,20 @@ _SET_CLAIM = sql.Query(o.update().where(o.c.id == sa.bindparam("cid")).values(cl
 async def set_claim(db: Database, challenge_id: int, claim: str | None) -> None:
     """Replace the registration details a challenge will apply when its code is entered."""
     await sql.execute(db, _SET_CLAIM, cid=challenge_id, new_claim=claim)
+
+
+_CONSUME = sql.Query(
+    o.update()
+    .where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_not(None), o.c.used_at > sa.bindparam("since"),
+           o.c.invalidated_at.is_(None))
+    .values(invalidated_at=sa.bindparam("now"))
+)
+
+
+async def consume(db: Database, *, challenge_id: int, now: datetime, within: int) -> bool:
+    """Spend what a verified challenge allows (a password reset), once: True for the one caller
+    that did, within `within` seconds of the code being entered."""
+    return bool(await sql.execute(db, _CONSUME, cid=challenge_id, since=now - timedelta(seconds=within), now=now))
 
 
 async def rebind_open(
@@ -445,9 +496,10 @@ _COUNT = sql.Query(
 )
 _STATE = sql.Query(sa.select(o.c.attempts, o.c.used_at, o.c.invalidated_at).where(o.c.id == sa.bindparam("cid")))
 # A right code resets the failures, and proves the mailbox: the address counts as verified
-# (a shop customer whose address was never confirmed, signing in with codes on, included).
+# (a shop customer whose address was never confirmed, signing in with codes on, included), and
+# the resend cooldown ends (it keeps a mailbox from being flooded; this one just answered).
 _RESET: dict[Any, Any] = {c.c.otp_attempts: 0, c.c.otp_lockouts: 0, c.c.otp_locked_until: None,
-                           c.c.last_otp_attempt: sa.bindparam("now"),
+                           c.c.last_otp_attempt: sa.bindparam("now"), c.c.otp_last_sent_at: None,
                            c.c.email_verified_at: sa.func.coalesce(c.c.email_verified_at, sa.bindparam("now"))}
 _SUCCEEDED = sql.Query(c.update().where(c.c.id == sa.bindparam("cid")).values(_RESET))
 _SUCCEEDED_ENDING_OPEN = _ending_open_codes(c.c.id == sa.bindparam("cid"), values=_RESET)
@@ -492,8 +544,8 @@ async def use_code(
 
 
 async def succeeded(db: Database, customer_id: int, now: datetime) -> None:
-    """A right code: failures reset, the address verified, every other open code (and the
-    pending steps that hold them) ended."""
+    """A right code: failures reset, the address verified, the resend cooldown over, every
+    other open code (and the pending steps that hold them) ended."""
     await _ending_open_codes_if(db, _SUCCEEDED, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now)
 
 

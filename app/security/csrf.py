@@ -3,6 +3,8 @@ Sec-Fetch-Site check (SECURITY.md 22)."""
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 from starlette.requests import Request
 
 from app.security.crypto import equal, token
@@ -39,10 +41,26 @@ def same_origin(request: Request) -> bool:
     return origin.split("://", 1)[1] in hosts
 
 
+class CsrfVerdict(StrEnum):
+    OK = "ok"
+    FOREIGN = "foreign"  # the browser says it came from another site
+    ENDED = "ended"  # from this site, but not with this session's token: the session ended or changed
+
+
+async def csrf_verdict(request: Request) -> CsrfVerdict:
+    """OK when the request carries the session's token and comes from this site; otherwise why
+    not, so the page can say the right thing (a tab left open past its session is not an attack)."""
+    if not same_origin(request):
+        return CsrfVerdict.FOREIGN
+    return CsrfVerdict.OK if await _token_matches(request) else CsrfVerdict.ENDED
+
+
 async def csrf_ok(request: Request) -> bool:
     """True when the request carries the session's token and comes from this site."""
-    if not same_origin(request):
-        return False
+    return await csrf_verdict(request) is CsrfVerdict.OK
+
+
+async def _token_matches(request: Request) -> bool:
     expected = cookie_of(request).csrf
     if not expected:
         return False

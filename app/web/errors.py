@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from jinja2_fragments import render_block
@@ -69,7 +70,8 @@ def server_error(request: Request, exc: BaseException) -> Response:
 
 def plain_error(name: str, status: int, request: Request) -> Response:
     # The session may be unreadable here: render without touching it.
-    ctx: dict[str, Any] = {"request": request, "csrf_token": "", "dev": False}
+    ctx: dict[str, Any] = {"request": request, "csrf_token": "", "dev": False, "signed_in": None,
+                           "now": datetime.now(UTC)}
     html = render_block(env, name, "main", ctx) if wants_fragment(request) else env.get_template(name).render(ctx)
     headers = {"Retry-After": "30"} if status == 503 else None
     return HTMLResponse(html, status_code=status, headers=headers)

@@ -13,9 +13,10 @@ from playwright.sync_api import Locator, Page, expect
 
 from e2e.api import Customer
 
-STEP_TITLES = {"registration": "Confirm your email", "login": "Enter your sign-in code"}
+STEP_TITLES = {"registration": "Confirm your email", "login": "Enter your sign-in code", "reset": "Enter your reset code",
+               "email": "Confirm your new email address", "delete": "Confirm deleting your account"}
 NEW_CODE_NOTICE = "A new code is on its way. Earlier codes no longer work."
-ERROR_PAGES = re.compile(r"^(Please start again|Too many attempts|Something went wrong on our side|"
+ERROR_PAGES = re.compile(r"^(Please start again|Your session has ended|Too many attempts|Something went wrong on our side|"
                          r"We will be back in a moment|Page not found|Not allowed here)$")
 
 
@@ -82,6 +83,7 @@ class LoginPage:
         self.submit_button = page.get_by_role("button", name="Sign in", exact=True)
         self.alert = page.get_by_role("alert")
         self.notice = page.get_by_role("status")
+        self.forgot_link = page.get_by_role("link", name="Forgot password?", exact=True)
 
     def open(self) -> LoginPage:
         self.page.goto(self.path)
@@ -191,3 +193,87 @@ class DashboardPage:
         login = LoginPage(self.page, js=self.js).expect_shown()
         expect(login.notice).to_have_text("You are signed out on every device.")
         return login
+
+
+class ForgotPasswordPage:
+    path = "/password/forgot"
+
+    def __init__(self, page: Page, *, js: bool = True) -> None:
+        self.page, self.js = page, js
+        self.heading = page.get_by_role("heading", level=1, name="Forgot your password?")
+        self.email = page.get_by_label("Email", exact=True)
+        self.send_button = page.get_by_role("button", name="Send code", exact=True)
+
+    def expect_shown(self) -> ForgotPasswordPage:
+        expect_step(self.page, self.heading)
+        return self
+
+    def ask(self, email: str) -> VerifyPage:
+        self.email.fill(email)
+        self.send_button.click()
+        return VerifyPage(self.page, js=self.js).expect_shown("reset")
+
+
+class NewPasswordPage:
+    path = "/password/new"
+
+    def __init__(self, page: Page, *, js: bool = True) -> None:
+        self.page, self.js = page, js
+        self.heading = page.get_by_role("heading", level=1, name="Choose a new password")
+        self.password = page.get_by_label("New password", exact=True)
+        self.confirm = page.get_by_label("Confirm new password", exact=True)
+        self.set_button = page.get_by_role("button", name="Set password", exact=True)
+
+    def expect_shown(self) -> NewPasswordPage:
+        expect_step(self.page, self.heading)
+        expect(self.page).to_have_url(re.compile(r"/password/new$"))
+        return self
+
+    def set(self, password: str) -> None:
+        self.password.fill(password)
+        self.confirm.fill(password)
+        self.set_button.click()
+
+
+class AccountPage:
+    path = "/account"
+
+    def __init__(self, page: Page, *, js: bool = True) -> None:
+        self.page, self.js = page, js
+        self.heading = page.get_by_role("heading", level=1, name="Account settings")
+        self.current_password = page.get_by_label("Current password", exact=True)
+        self.new_password = page.get_by_label("New password", exact=True)
+        self.confirm_new_password = page.get_by_label("Confirm new password", exact=True)
+        self.change_password_button = page.get_by_role("button", name="Change password", exact=True)
+        self.new_email = page.get_by_label("New email", exact=True)
+        self.email_password = page.get_by_role("form", name="Change email address").get_by_label("Password", exact=True)
+        self.change_email_button = page.get_by_role("button", name="Change email", exact=True)
+        self.delete_link = page.get_by_role("link", name="Delete account", exact=True)
+        self.notice = page.get_by_role("status")
+
+    def open(self) -> AccountPage:
+        self.page.goto(self.path)
+        return self.expect_shown()
+
+    def expect_shown(self) -> AccountPage:
+        expect_step(self.page, self.heading)
+        return self
+
+    def change_password(self, current: str, new: str) -> None:
+        self.current_password.fill(current)
+        self.new_password.fill(new)
+        self.confirm_new_password.fill(new)
+        self.change_password_button.click()
+
+    def change_email(self, new_email: str, password: str) -> VerifyPage:
+        self.new_email.fill(new_email)
+        self.email_password.fill(password)
+        self.change_email_button.click()
+        return VerifyPage(self.page, js=self.js).expect_shown("email")
+
+    def delete(self, password: str) -> VerifyPage:
+        self.delete_link.click()
+        expect_step(self.page, self.page.get_by_role("heading", level=1, name="Delete your account"))
+        self.page.get_by_label("Password", exact=True).fill(password)
+        self.page.get_by_role("button", name="Delete account", exact=True).click()
+        return VerifyPage(self.page, js=self.js).expect_shown("delete")

@@ -79,3 +79,41 @@ def test_expired_and_resent_states(axe_page: Page, customer: Customer, mailbox: 
     expect(page.get_by_text("A new code is on its way.")).to_be_visible()
     expect(verify.timer).to_have_text(VerifyPage.TIMER_RUNNING)
     assert_accessible(page, "code step, new code sent")
+
+
+def test_recovery_and_account_states(axe_page: Page, ready_customer: Customer, mailbox: Mailbox) -> None:
+    """The pages issue 15 added: forgot password, the reset step, the new password, account
+    settings (with an error), deleting, and the registration's change of address."""
+    from e2e.pages import AccountPage, ForgotPasswordPage, NewPasswordPage
+
+    page = axe_page
+    page.goto(ForgotPasswordPage.path)
+    forgot = ForgotPasswordPage(page).expect_shown()
+    assert_accessible(page, "forgot password")
+    before = count(mailbox, ready_customer.email)
+    verify = forgot.ask(ready_customer.email)
+    assert_accessible(page, "code step (reset)")
+    verify.submit_code(wait_for_code(mailbox, ready_customer.email, after=before))
+    new = NewPasswordPage(page).expect_shown()
+    assert_accessible(page, "new password")
+    new.set("password")
+    expect(new.password).to_have_attribute("aria-invalid", "true")
+    assert_accessible(page, "new password, too common")
+    new.set(ready_customer.password + "-2")
+    DashboardPage(page).expect_shown(ready_customer)
+    account = AccountPage(page).open()
+    assert_accessible(page, "account settings")
+    account.change_password("not-it", "Another-Password-9")
+    expect(account.current_password).to_have_attribute("aria-invalid", "true")
+    assert_accessible(page, "account settings, wrong current password")
+    account.delete_link.click()
+    expect(page.get_by_role("heading", level=1, name="Delete your account")).to_be_visible()
+    assert_accessible(page, "delete account")
+
+
+def test_registration_change_of_address_state(axe_page: Page, customer: Customer) -> None:
+    page = axe_page
+    RegisterPage(page).open().register(customer)
+    page.get_by_role("link", name="Change email address", exact=True).click()
+    expect(page.get_by_role("heading", level=1, name="Change email address")).to_be_visible()
+    assert_accessible(page, "change email address (registration)")

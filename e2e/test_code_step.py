@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import timedelta, timezone
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, Response, expect
@@ -14,7 +15,10 @@ from e2e.mail import Mailbox, count, wait_for_code
 from e2e.pages import NEW_CODE_NOTICE, DashboardPage, LoginPage, RegisterPage, VerifyPage
 
 # Regular expressions see the text as it is (to_have_text does not squeeze it for them).
-LOCKED = re.compile(r"^\s*Too many wrong codes\.\s.*\sYou can try again after\s+(\d{2}:\d{2}) UTC\.\s*$", re.S)
+# Locked: the time in the same sentence; with JavaScript in the customer's own clock
+# ("until 16:40"), without it in words ("for 1 more minute").
+LOCKED = re.compile(r"^\s*Too many wrong codes\.\s+For your safety, codes are paused\s+(until (\d{2}:\d{2})|until [^.]+|for [^.]+)\."
+                    r"\s+You can enter a code again after that\.\s*$", re.S)
 EXPIRED = re.compile(r"^\s*This code has expired\.\s+(Request a new one\.\s+)?Press “Resend code” for a new one\.\s*$")
 
 
@@ -51,14 +55,20 @@ def test_five_wrong_codes_lock_the_code_step(page: Page, js: bool, customer: Cus
     verify.submit_code(wrong(code, 5))
 
     expect(verify.alert).to_have_text(LOCKED)
-    # While locked even the right code is refused, with the same words.
-    verify.submit_code(code)
-    expect(verify.alert).to_have_text(LOCKED)
+    # While locked nothing can be entered, and the resend timer does not say otherwise (the
+    # server refuses even the right code: tests/test_otp_engine.py).
+    expect(verify.code).to_be_disabled()
+    expect(verify.verify_button).to_be_disabled()
+    expect(verify.resend_button).to_be_disabled()
+    expect(page.get_by_text("You can ask for a new code once codes are no longer paused.")).to_be_visible()
     expect(page).to_have_url(re.compile(r"/verify$"))
+    del code
 
 
-def test_lockout_ends_at_the_time_it_states(page: Page, customer: Customer, mailbox: Mailbox,
+def test_lockout_ends_at_the_time_it_states(new_context: Any, customer: Customer, mailbox: Mailbox,
                                             clock: ServerClock) -> None:
+    """In the customer's own time zone (here India, UTC+05:30, read as a 24-hour clock)."""
+    page = new_context(timezone_id="Asia/Kolkata", locale="en-GB").new_page()
     verify = RegisterPage(page).open().register(customer)
     code = wait_for_code(mailbox, customer.email)
     for n, left in enumerate([4, 3, 2, 1], start=1):
@@ -70,10 +80,13 @@ def test_lockout_ends_at_the_time_it_states(page: Page, customer: Customer, mail
     after = clock.now()
 
     shown = LOCKED.match(verify.alert.inner_text())
-    assert shown is not None
+    assert shown is not None and shown.group(2), verify.alert.inner_text()
     first_lock = timedelta(seconds=60)  # OTP lockout schedule: 60 s, then 5, 15, 60 minutes
-    allowed = {(t + first_lock).strftime("%H:%M") for t in (before, after)}  # the lock began in between
-    assert shown.group(1) in allowed, f"locked until {shown.group(1)}, expected one of {allowed}"
+    india = timezone(timedelta(hours=5, minutes=30))
+    allowed = {(t + first_lock).astimezone(india).strftime("%H:%M") for t in (before, after)}
+    assert shown.group(2) in allowed, f"locked until {shown.group(2)}, expected one of {allowed} (Indian time)"
+    expect(verify.code).to_be_disabled()
+    expect(verify.verify_button).to_be_disabled()
 
     clock.advance(61)  # past the lock, and past the resend cooldown
     page.reload()
@@ -124,11 +137,12 @@ def test_resend_countdown_is_shown_and_counts_down(page: Page, js: bool, custome
         expect(verify.timer).not_to_have_text(f"You can ask for a new code in {first} s.")
         assert verify.seconds_left() < first
     else:
-        # Nothing ticks without JavaScript: a <noscript> paragraph says to reload instead
-        # (get_by_text skips <noscript>, hence the role).
-        hint = page.get_by_role("paragraph").filter(has_text="Reload this page when the time is up to ask for a new code.")
+        # Nothing ticks without JavaScript: a <noscript> paragraph links back to the step (a
+        # reload would send the last form again). get_by_text skips <noscript>, hence the role.
+        hint = page.get_by_role("paragraph").filter(has_text="When the time is up, check again")
         expect(hint).to_be_visible()
-        page.reload()
+        hint.get_by_role("link", name="check again").click()
+        expect(page).to_have_url(re.compile(r"/verify$"))
         assert verify.seconds_left() <= first
     expect(verify.resend_button).to_be_disabled()
 

@@ -98,7 +98,7 @@ def test_sign_out_everywhere_ends_the_other_sessions(
         clock.advance(61)  # past the resend cooldown, so the next sign-in mails a code at once
 
     expect(phone.get_by_text("(this device)")).to_be_visible()
-    signed_in_browsers = phone.get_by_role("listitem").filter(has_text="since").filter(has_text="Chrome")
+    signed_in_browsers = phone.get_by_role("listitem").filter(has_text="signed in").filter(has_text="Chrome")
     expect(signed_in_browsers).to_have_count(2)
     DashboardPage(phone).sign_out_everywhere()
 

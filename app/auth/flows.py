@@ -268,6 +268,10 @@ async def _create(svc: Services, client: Client, details: dict[str, str], *, ema
     return Step(issued.challenge_id, nonce, Purpose.REGISTRATION)
 
 
+class _TooSoon(Exception):
+    """A limit refused an address change (raised inside its transaction, to undo it)."""
+
+
 async def change_registration_email(svc: Services, client: Client, step: Step, email: str) -> Step | Refused | None:
     """The customer mistyped the address of a pending registration: the code goes to the new
     one, and the one sent to the old address stops working. None: the step is gone.
@@ -289,11 +293,13 @@ async def change_registration_email(svc: Services, client: Client, step: Step, e
                                    notice=account_exists(taken), customer_id=taken.id, claim=challenge.claim)
         return Step(challenge_id, step.nonce, Purpose.REGISTRATION)
     now = svc.clock.now()
-    key = outbox.throttle_key("code", email)
+    # One change per cooldown for this sign-up, and one code per cooldown to the address.
+    keys = (outbox.throttle_key("address-change", str(row.id)), outbox.throttle_key("code", email))
 
-    async def work() -> tuple[otp.Issued, outbox.Queued] | None:
-        if not await outbox.take_throttle(svc.db, key, now=now, window=svc.policy.resend_cooldown):
-            return None
+    async def work() -> tuple[otp.Issued, outbox.Queued]:
+        for key in keys:
+            if not await outbox.take_throttle(svc.db, key, now=now, window=svc.policy.resend_cooldown):
+                raise _TooSoon  # rolls back what was taken
         await queries.move_signup(svc.db, row.id, email)
         moved = Customer(row.id, row.username, email, row.full_name, row.password_hash, None, row.otp_enabled,
                          row.session_version, row.source)
@@ -301,14 +307,13 @@ async def change_registration_email(svc: Services, client: Client, step: Step, e
                                 claim=challenge.claim, cooldown=False)
 
     try:
-        done = await transact(svc.db, work)
+        issued, queued = await transact(svc.db, work)
     except INTEGRITY_ERRORS:  # the address was taken meanwhile
         return Refused("email", "That address cannot be used. Please check it, or use another.")
-    if done is None:
+    except _TooSoon:
         wait = svc.policy.resend_cooldown
-        return Refused("email", f"We sent a code to that address less than {wait} seconds ago. Please wait a "
-                                "moment, then try again.")
-    issued, queued = done
+        return Refused("email", f"We sent a code less than {wait} seconds ago. Please wait a moment, then try "
+                                "again.")
     svc.mailer.dispatch(queued)
     await audit.record(svc.db, Event.CODE_SENT, customer_id=row.id, ip=client.ip, user_agent=client.user_agent,
                        now=now)

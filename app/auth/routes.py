@@ -155,6 +155,10 @@ async def new_password_form(request: Request) -> Response:
     step = sessions.pending_step(request)
     customer = await recovery.reset_customer(services(request), step) if step else None
     if customer is None:
+        if step is not None and step.purpose is Purpose.RESET:
+            challenge = await flows.load(services(request), step)
+            if challenge is not None and challenge.used_at is None:
+                return redirect(request, "/verify")  # the code first
         return _gone(request, "/password/forgot")
     return render(request, "auth/new_password.html", {"form": forms.Form()})
 
@@ -224,7 +228,9 @@ async def code_step_after_post(request: Request, step: Step) -> Response:
     challenge = await flows.load(services(request), step)
     assert challenge is not None
     ctx = _step_context(request, challenge, announce=True, notice=NOTICES["reused"] if step.reused else None)
-    return render(request, "auth/verify.html", ctx, headers={"HX-Push-Url": "/verify"})
+    # The step replaces the whole of <main>, whichever part of a page the form swapped.
+    return render(request, "auth/verify.html", ctx, headers={"HX-Push-Url": "/verify", "HX-Retarget": "#main",
+                                                             "HX-Reswap": "innerHTML show:window:top"})
 
 
 def _gone(request: Request, to: str = "/login") -> Response:

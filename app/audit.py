@@ -33,6 +33,7 @@ class Event(StrEnum):
     PASSWORD_CHANGED = "password_changed"
     EMAIL_CHANGED = "email_changed"
     ACCOUNT_DELETED = "account_deleted"
+    NOT_ME = "not_me"  # "Not you?" in a code mail: pending steps ended, sign-in codes paused
 
 
 EVENTS = frozenset(Event)

@@ -27,6 +27,7 @@ from app.dev.routes import dev_routes, test_routes
 from app.logs import configure_logging
 from app.mail import messages
 from app.mail.dispatcher import Dispatcher
+from app.mail.messages import Dkim
 from app.mail.transport import ConsoleTransport, SmtpTransport, Transport
 from app.otp.cleanup import run_cleanup_forever
 from app.ratelimit import RateLimiter
@@ -50,8 +51,16 @@ def make_transport(settings: Settings) -> Transport:
         return SmtpTransport(
             settings.smtp_host, settings.smtp_port, username=settings.smtp_username, password=settings.smtp_password,
             security=settings.smtp_security, timeout=settings.smtp_timeout, size=settings.smtp_pool_size,
+            max_size=settings.smtp_pool_max,
         )
     return ConsoleTransport()
+
+
+def make_dkim(settings: Settings) -> Dkim | None:
+    if not (settings.dkim_domain and settings.dkim_selector and settings.dkim_private_key):
+        return None
+    with open(settings.dkim_private_key, "rb") as key:
+        return Dkim(settings.dkim_domain, settings.dkim_selector, key.read())
 
 
 def make_policy(settings: Settings) -> otp.OtpPolicy:
@@ -89,7 +98,8 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
     sealer = Sealer.for_purpose(settings.secret_key, fallbacks, "mail-outbox", aad=b"outbox")
     mailer = Dispatcher(
         db, transport or make_transport(settings), sealer, clock, sender=settings.mail_from,
-        max_tries=settings.mail_max_tries, concurrency=settings.smtp_pool_size, smtp_timeout=settings.smtp_timeout,
+        max_tries=settings.mail_max_tries, concurrency=settings.smtp_pool_max, smtp_timeout=settings.smtp_timeout,
+        code_in_subject=settings.mail_code_in_subject == "end", dkim=make_dkim(settings),
         console_fallback=settings.is_development and transport is None and bool(settings.smtp_host),
         keep_sent=settings.is_development,
     )

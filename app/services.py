@@ -30,10 +30,11 @@ class Services:
 
 @dataclass(frozen=True)
 class Client:
-    """Who is asking, as the audit log and the session list record it."""
+    """Who is asking, as the audit log, the session list and a code mail record it."""
 
     ip: str
     user_agent: str
+    origin: str = ""  # the address the customer uses (PUBLIC_ORIGIN), for links in mail
 
 
 class AppState(TypedDict):

@@ -36,7 +36,12 @@ class Settings:
     smtp_password: str | None = None
     smtp_security: str = "starttls"
     smtp_timeout: float = 10.0
-    smtp_pool_size: int = 8
+    smtp_pool_size: int = 8  # connections kept open while mail is quiet
+    smtp_pool_max: int = 32  # connections at most, opened while mail waits
+    mail_code_in_subject: str = "off"  # off | end
+    dkim_domain: str | None = None
+    dkim_selector: str | None = None
+    dkim_private_key: str | None = None  # a path to the PEM private key
     mail_from: str = "Computer Shop <no-reply@localhost>"
     mail_max_tries: int = 8
     otp_registration_ttl: int = 900
@@ -60,6 +65,15 @@ class Settings:
             raise SettingsError(f"APP_ENV must be one of {', '.join(ENVIRONMENTS)}, not {self.app_env!r}")
         if self.smtp_security not in SMTP_SECURITY:
             raise SettingsError(f"SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)}")
+        if self.smtp_pool_size < 1 or self.smtp_pool_max < self.smtp_pool_size:
+            raise SettingsError("SMTP_POOL_SIZE must be at least 1, and SMTP_POOL_MAX at least SMTP_POOL_SIZE")
+        if self.mail_code_in_subject not in ("off", "end"):
+            raise SettingsError("MAIL_CODE_IN_SUBJECT is off or end (never at the start: lock screens show it)")
+        dkim = (self.dkim_domain, self.dkim_selector, self.dkim_private_key)
+        if any(dkim) and not all(dkim):
+            raise SettingsError("DKIM needs all of DKIM_DOMAIN, DKIM_SELECTOR and DKIM_PRIVATE_KEY")
+        if self.dkim_private_key and not Path(self.dkim_private_key).is_file():
+            raise SettingsError(f"DKIM_PRIVATE_KEY: no file at {self.dkim_private_key}")
         if self.hash_concurrency < 0:
             raise SettingsError("HASH_CONCURRENCY must be 0 (one per core) or a positive number")
         if not self.database_url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
@@ -144,6 +158,11 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides:
             "smtp_security": config("SMTP_SECURITY", default="starttls").lower(),
             "smtp_timeout": config("SMTP_TIMEOUT", cast=float, default=10.0),
             "smtp_pool_size": config("SMTP_POOL_SIZE", cast=int, default=8),
+            "smtp_pool_max": config("SMTP_POOL_MAX", cast=int, default=32),
+            "mail_code_in_subject": config("MAIL_CODE_IN_SUBJECT", default="off").lower(),
+            "dkim_domain": config("DKIM_DOMAIN", default=None) or None,
+            "dkim_selector": config("DKIM_SELECTOR", default=None) or None,
+            "dkim_private_key": config("DKIM_PRIVATE_KEY", default=None) or None,
             "mail_from": config("MAIL_FROM", default=Settings.mail_from),
             "otp_registration_ttl": config("OTP_REGISTRATION_TTL", cast=int, default=900),
             "otp_login_ttl": config("OTP_LOGIN_TTL", cast=int, default=600),

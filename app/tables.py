@@ -64,22 +64,30 @@ customers = sa.Table(
     # table, or its other software). Only a sign-up that never confirmed its address may be taken
     # over by a new registration, and only through a code to that address.
     sa.Column("source", sa.String(8), nullable=False, server_default="shop"),
+    # "Not you?" in a code mail: no sign-in code goes out until then (a reset still can).
+    sa.Column("signin_paused_until", UTCDateTime, nullable=True),
 )
 
+# A challenge is one pending step (a sign-in, a registration, a reset...) with everything that
+# belongs to the step: the session it is bound to, its shared attempt budget, its tag, a stand-in's
+# ledger. The codes mailed for it are rows of otp_codes (at most the 3 newest are open).
 otp_verification = sa.Table(
     "customer_otp_verification",
     metadata,
     # Random 62-bit ids: unguessable, and known before the insert so the hash can bind it.
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=True),
-    sa.Column("purpose", sa.String(16), nullable=False),  # registration | login
-    sa.Column("code_hash", sa.String(64), nullable=False),  # HMAC-SHA256(SECRET_KEY, id:code), hex
+    sa.Column("purpose", sa.String(16), nullable=False),  # registration | login | reset | email | delete
+    # Before migration 0003 the one code; since, unused (random): codes are in otp_codes.
+    sa.Column("code_hash", sa.String(64), nullable=False),
     sa.Column("session_binding", sa.String(64), nullable=False),  # HMAC of the pending session's nonce
     sa.Column("kind", sa.String(12), nullable=False, server_default="code"),  # code | placeholder | decoy
     sa.Column("sent_to", sa.String(254), nullable=False, server_default=""),  # masked address shown at the code step
-    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),  # wrong entries, for all its codes
     sa.Column("created_at", UTCDateTime, nullable=False),
-    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),  # its newest code's
+    sa.Column("last_code_at", UTCDateTime, nullable=True),  # when its newest code was sent
+    sa.Column("tag", sa.String(3), nullable=False, server_default=""),  # shown on the step and in its mails
     sa.Column("used_at", UTCDateTime, nullable=True),
     sa.Column("invalidated_at", UTCDateTime, nullable=True),
     # A decoy keeps its own failure ledger, shaped like the customer's, so it behaves alike.
@@ -156,6 +164,25 @@ mail_outbox = sa.Table(
     sa.Index("ix_outbox_challenge", "challenge_id"),
     sa.Index("ix_outbox_expires_at", "expires_at"),
     sa.Index("ix_outbox_recipient", "recipient", "created_at"),
+)
+
+otp_codes = sa.Table(
+    "otp_codes",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("challenge_id", sa.BigInteger, nullable=False),
+    sa.Column("code_hash", sa.String(64), nullable=False),  # HMAC-SHA256(key, challenge id + code), hex
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("invalidated_at", UTCDateTime, nullable=True),  # a fourth newer code pushed it out
+    # The mail's link: SHA-256 of its token, and the code sealed under a key derived from the
+    # token (the database alone cannot show it), for the page that shows it on another device.
+    sa.Column("link_hash", sa.String(64), nullable=True),
+    sa.Column("link_sealed", sa.Text, nullable=True),
+    sa.Column("stop_hash", sa.String(64), nullable=True),  # the mail's "Not you?" link
+    sa.Index("ix_otp_codes_challenge", "challenge_id", "created_at"),
+    sa.Index("ix_otp_codes_link", "link_hash"),
+    sa.Index("ix_otp_codes_stop", "stop_hash"),
 )
 
 mail_throttle = sa.Table(

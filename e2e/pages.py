@@ -15,7 +15,7 @@ from e2e.api import Customer
 
 STEP_TITLES = {"registration": "Confirm your email", "login": "Enter your sign-in code", "reset": "Enter your reset code",
                "email": "Confirm your new email address", "delete": "Confirm deleting your account"}
-NEW_CODE_NOTICE = "A new code is on its way. Earlier codes no longer work."
+NEW_CODE_NOTICE = "A new code is on its way. The codes we sent before still work until they expire."
 ERROR_PAGES = re.compile(r"^(Please start again|Your session has ended|Too many attempts|Something went wrong on our side|"
                          r"We will be back in a moment|Page not found|Not allowed here)$")
 

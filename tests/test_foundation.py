@@ -305,7 +305,7 @@ async def test_dashboard_shows_account_and_last_sign_ins(server: Running, smtp: 
     async with server.client() as c:
         await registered(c, smtp)
         page = (await c.get("/dashboard")).text
-    for text in ("Hello, Jane Doe", "jane@example.com", "Sign-in codes", "On:", "Last sign-ins", "Chrome on Linux",
+    for text in ("Hello, Jane Doe", "jane@example.com", "Sign-in codes", "On:", "Last sign-ins", "Chrome 130 on Linux",
                  "127.0.0.1", "Sign out everywhere"):
         assert text in page, text
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 import app.otp.engine as engine
 from app.clock import FixedClock
 from app.otp import Purpose
-from app.tables import auth_sessions, customers, mail_outbox, otp_stats, otp_verification
+from app.tables import auth_sessions, customers, mail_outbox, otp_codes, otp_stats, otp_verification
 from tests.conftest import (
     Capture,
     Running,
@@ -97,7 +97,7 @@ async def test_stored_hash_is_hmac_under_a_key_derived_from_secret_key(server: R
     async with server.client() as c:
         await register(c)
         code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
-    row = await svc.db.fetch_one(sa.select(otp_verification.c.id, otp_verification.c.code_hash))
+    row = await svc.db.fetch_one(sa.select(otp_codes.c.challenge_id.label("id"), otp_codes.c.code_hash))
     message = f"{row.id}\x1f{code}".encode()
     key = derive_key(svc.settings.secret_key, "otp-code")
     assert row.code_hash == hmac.new(key, message, hashlib.sha256).hexdigest()
@@ -116,7 +116,7 @@ async def test_no_stored_row_contains_the_code(server: Running, smtp: Capture, c
         await login(c)
         login_code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
     db = server.services.db
-    for table in (customers, otp_verification, mail_outbox, auth_sessions):
+    for table in (customers, otp_verification, otp_codes, mail_outbox, auth_sessions):
         for row in await db.fetch_all(sa.select(table)):
             for value in row._mapping.values():
                 assert reg_code not in str(value) and login_code not in str(value), (table.name, value)
@@ -476,25 +476,67 @@ async def test_resend_inside_cooldown_sends_nothing_even_with_cleared_cookies_an
         await wait_mail(smtp, "jane@example.com", 3)
 
 
-async def test_resend_at_61_seconds_sends_and_new_code_invalidates_old(
+async def test_resend_at_61_seconds_sends_and_an_earlier_code_of_the_same_step_still_works(
     server: Running, smtp: Capture, clock: FixedClock
 ) -> None:
-    """SECURITY.md 12 (until the code-mail issue lands): a new code ends the earlier ones. The
-    old code is tried where it could still work, against its own challenge, from the cookie
-    that held it before the resend."""
+    """SECURITY.md 12: a resend mails a new code and the earlier codes of the same step stay
+    valid until their own expiry (a late mail never strands the customer)."""
     async with server.client() as c:
         await register(c)
-        old = code_in((await wait_mail(smtp, "jane@example.com"))[0])
-        before = dict(c.cookies)
+        first = code_in((await wait_mail(smtp, "jane@example.com"))[0])
         clock.advance(61)
         r = await resend(c)
         assert r.status_code == 303
-        new = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
-        async with server.client(cookies=before) as old_tab:
-            r = await submit_code(old_tab, old)
-            assert r.status_code == 422 and "replaced" in r.text
-        r = await submit_code(c, new)
+        second = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        assert second and "still work until they expire" in (await c.get("/verify")).text
+        r = await submit_code(c, first)  # the first mail's code, after the second was sent
         assert r.headers["location"] == "/dashboard"
+
+
+async def test_wrong_entries_spread_over_the_codes_of_a_step_share_one_budget(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """SECURITY.md 12: five wrong entries, whichever code they aim at, kill every code of the
+    step; the right entry of any code ends them all; a step's codes never work in another."""
+    svc = server.services
+    async with server.client() as c:
+        await register(c)
+        codes = [code_in((await wait_mail(smtp, "jane@example.com"))[0])]
+        for n in range(2, 4):
+            clock.advance(61)
+            await resend(c)
+            codes.append(code_in((await wait_mail(smtp, "jane@example.com", n))[-1]))
+        for _ in range(5):
+            await svc.db.execute(customers.update().values(otp_attempts=0, otp_locked_until=None))
+            await submit_code(c, "000001" if "000001" not in codes else "999998")
+        await svc.db.execute(customers.update().values(otp_attempts=0, otp_locked_until=None))
+        for code in codes:
+            r = await submit_code(c, code)
+            assert r.status_code == 422 and "Too many wrong entries" in r.text, "the one budget is spent"
+    assert await svc.db.fetch_val(sa.select(otp_verification.c.attempts)) == 5
+
+
+async def test_a_step_keeps_its_three_newest_codes_and_one_right_entry_ends_them_all(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    async with server.client() as c:
+        await register(c)
+        codes = [code_in((await wait_mail(smtp, "jane@example.com"))[0])]
+        for n in range(2, 5):
+            clock.advance(61)
+            await resend(c)
+            codes.append(code_in((await wait_mail(smtp, "jane@example.com", n))[-1]))
+        before = dict(c.cookies)
+        r = await submit_code(c, codes[0])  # the fourth code pushed the first out
+        if codes[0] not in codes[1:]:
+            assert r.status_code == 422 and "replaced" in r.text
+        assert (await submit_code(c, codes[2])).headers["location"] == "/dashboard"
+    async with server.client(cookies=before) as again:
+        assert (await again.get("/verify")).headers["location"] == "/login", "the step is over"
+    open_codes = await server.services.db.fetch_val(
+        sa.select(sa.func.count()).select_from(otp_verification).where(otp_verification.c.used_at.is_(None),
+                                                                        otp_verification.c.invalidated_at.is_(None)))
+    assert open_codes == 0
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["after-password", "full-check"])
@@ -580,6 +622,7 @@ async def test_cleanup_deletes_finished_codes_and_keeps_counts(server: Running, 
     deleted = await cleanup(server.services.db, now=clock.now())
     assert deleted == 2
     assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(otp_verification)) == 0
+    assert await server.services.db.fetch_val(sa.select(sa.func.count()).select_from(otp_codes)) == 0
     stats = {(r.purpose, r.outcome): r.codes for r in await server.services.db.fetch_all(sa.select(otp_stats))}
     assert stats == {("registration", "verified"): 1, ("login", "expired"): 1}
     payloads = await server.services.db.fetch_all(sa.select(mail_outbox.c.payload))

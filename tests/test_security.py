@@ -174,7 +174,7 @@ async def test_other_browser_stays_signed_in_until_sign_out_everywhere(
             await login(b)
             await submit_code(b, code_in((await wait_mail(smtp, "jane@example.com", 2))[-1]))
             page = await a.get("/dashboard")
-            assert "Safari on iPhone" in page.text and "(this device)" in page.text  # the list of sessions
+            assert "Mobile Safari on iOS" in page.text and "(this device)" in page.text  # the list of sessions
             token = await get_csrf(a, "/dashboard")
             await a.post("/logout", data={"csrf_token": token})
             assert (await b.get("/dashboard")).status_code == 200  # sign-out ends only its own session

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from app import audit, otp
@@ -19,7 +19,7 @@ from app.database import INTEGRITY_ERRORS, transact
 from app.mail import describe, outbox
 from app.mail.outbox import MailKind
 from app.otp import Kind, Outcome, Purpose
-from app.security.crypto import keyed_hash, sha256_hex, token
+from app.security.crypto import keyed_hash, open_for_token, sha256_hex, token
 from app.security.passwords import check_password, hash_password
 from app.services import Client, Services
 
@@ -33,6 +33,9 @@ CODE_MAIL = {
 # Where the customer has just typed the address, the step shows it whole (a typo can be seen);
 # elsewhere masked.
 SHOWN_WHOLE = frozenset({Purpose.REGISTRATION, Purpose.RESET, Purpose.EMAIL})
+# What a step is called beside its tag: "Code for sign-in K7Q".
+STEP_WORDS = {Purpose.REGISTRATION: "registration", Purpose.LOGIN: "sign-in", Purpose.RESET: "password reset",
+              Purpose.EMAIL: "address change", Purpose.DELETE: "account deletion"}
 
 
 @dataclass(frozen=True)
@@ -99,21 +102,36 @@ async def start_session(svc: Services, customer_id: int, session_version: int, c
 
 
 async def issue_code(svc: Services, customer: Customer, *, purpose: Purpose, nonce: str, now: datetime,
-                     claim: str | None = None, recipient: str | None = None,
-                     cooldown: bool = True) -> tuple[otp.Issued, outbox.Queued]:
+                     client: Client, claim: str | None = None, recipient: str | None = None,
+                     cooldown: bool = True, challenge: otp.Challenge | None = None) -> tuple[otp.Issued, outbox.Queued]:
     """A new code and its mail, queued together (call inside a transaction, then dispatch).
-    `recipient`: another address than the customer's (a new email to confirm)."""
+    `recipient`: another address than the customer's (a new email to confirm). `challenge`: one
+    more code for this open step (a resend: the earlier ones stay valid)."""
     to = recipient or customer.email
     issued = await otp.issue(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
                              purpose=purpose, nonce=nonce, sent_to=shown_address(purpose, to), claim=claim,
-                             cooldown=cooldown)
+                             cooldown=cooldown, challenge=challenge)
     queued = await outbox.enqueue(
         svc.db, svc.sealer, now=now, recipient=to, customer_id=customer.id, kind=CODE_MAIL[purpose],
         challenge_id=issued.challenge_id, expires_at=issued.expires_at,
-        context={"name": display_name(customer), "code": issued.code, "minutes": minutes(svc.policy.ttl(purpose))},
+        context=code_mail_context(svc, customer, issued, purpose=purpose, client=client, now=now),
         claim_for=svc.mailer.claim_now(),
     )
     return issued, queued
+
+
+def code_mail_context(svc: Services, customer: Customer, issued: otp.Issued, *, purpose: Purpose, client: Client,
+                      now: datetime) -> dict[str, Any]:
+    """What a code mail says: the code and its step's tag, who asked (when, which browser and
+    system, from which address), a link that confirms in the browser that asked, and a "Not you?"
+    link. The links hold random tokens, never the code or the address."""
+    origin = client.origin or svc.settings.public_origin or ""
+    return {
+        "name": display_name(customer), "code": issued.code, "minutes": minutes(svc.policy.ttl(purpose)),
+        "tag": issued.tag, "step": STEP_WORDS[purpose], "when": describe.when(now),
+        "browser": describe.browser(client.user_agent), "ip": client.ip or "an unknown address",
+        "link": f"{origin}/verify/link/{issued.link_token}", "stop_link": f"{origin}/not-you/{issued.stop_token}",
+    }
 
 
 async def send_code(svc: Services, customer: Customer, *, purpose: Purpose, nonce: str, client: Client,
@@ -123,7 +141,7 @@ async def send_code(svc: Services, customer: Customer, *, purpose: Purpose, nonc
     now = svc.clock.now()
     try:
         issued, queued = await transact(svc.db, lambda: issue_code(
-            svc, customer, purpose=purpose, nonce=nonce, now=now, claim=claim, recipient=recipient))
+            svc, customer, purpose=purpose, nonce=nonce, now=now, client=client, claim=claim, recipient=recipient))
     except otp.Cooldown:
         # A code to another address (a new email) is never handed over: it would confirm that one.
         reused = None if recipient else await otp.rebind_open(
@@ -258,7 +276,7 @@ async def _create(svc: Services, client: Client, details: dict[str, str], *, ema
         customer = Customer(customer_id, details["username"], email, details["full_name"], details["password_hash"],
                             None, True, 0, queries.SIGNUP)
         issued, queued = await issue_code(svc, customer, purpose=Purpose.REGISTRATION, nonce=nonce, now=now,
-                                          claim=claim)
+                                          client=client, claim=claim)
         return customer_id, issued, queued
 
     customer_id, issued, queued = await transact(svc.db, work)
@@ -304,7 +322,7 @@ async def change_registration_email(svc: Services, client: Client, step: Step, e
         moved = Customer(row.id, row.username, email, row.full_name, row.password_hash, None, row.otp_enabled,
                          row.session_version, row.source)
         return await issue_code(svc, moved, purpose=Purpose.REGISTRATION, nonce=step.nonce, now=now,
-                                claim=challenge.claim, cooldown=False)
+                                client=client, claim=challenge.claim, cooldown=False)
 
     try:
         issued, queued = await transact(svc.db, work)
@@ -373,7 +391,14 @@ async def sign_in(svc: Services, client: Client, *, login: str, password: str) -
                 return signed
 
             return await transact(db, work)
-        step = await send_code(svc, customer, purpose=purpose, nonce=secrets.token_urlsafe(24), client=client)
+        nonce = secrets.token_urlsafe(24)
+        if purpose is Purpose.LOGIN and customer.signin_paused_until and customer.signin_paused_until > now:
+            # "Not you?" paused sign-in codes: none goes out; the step says until when.
+            paused = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
+                                        purpose=purpose, nonce=nonce, sent_to=shown_address(purpose, customer.email),
+                                        kind=Kind.PLACEHOLDER)
+            return Step(paused, nonce, purpose, (customer.id, customer.session_version))
+        step = await send_code(svc, customer, purpose=purpose, nonce=nonce, client=client)
         # A registration code (an address not yet proven) takes the full path, where its claim is applied.
         owner = (customer.id, customer.session_version) if purpose is Purpose.LOGIN else None
         return Step(step.challenge_id, step.nonce, purpose, owner, step.reused)
@@ -421,9 +446,10 @@ async def submit_code(svc: Services, client: Client, step: Step, code: str | Non
         signed = await transact(db, fast)
         if signed is not None:
             return CodeResult(signed_in=signed)
-    # Anything but a right code on the sign-in path: the whole challenge decides.
+    # Anything but a right code on the sign-in path: the whole challenge decides. A step that
+    # was ended (another sign-in began, "sign out everywhere", "Not you?") is gone.
     challenge = await load(svc, step)
-    if challenge is None or challenge.used_at is not None:
+    if challenge is None or challenge.used_at is not None or challenge.invalidated_at is not None:
         return CodeResult()
     if step.purpose in (Purpose.EMAIL, Purpose.DELETE) and challenge.customer_id != signed_in_as:
         return CodeResult()
@@ -506,7 +532,9 @@ class ResendResult:
 
 
 async def resend(svc: Services, client: Client, step: Step, *, signed_in_as: int | None = None) -> ResendResult:
-    """A new code for the pending step, after the cooldown (kept in the database)."""
+    """One more code for the pending step, after the cooldown (kept in the database). Every code
+    sent before for it goes on working until its own expiry (a late mail never strands anyone),
+    under the step's one attempt budget."""
     challenge = await load(svc, step)
     if challenge is None or challenge.used_at is not None:
         return ResendResult()
@@ -519,29 +547,29 @@ async def resend(svc: Services, client: Client, step: Step, *, signed_in_as: int
         wait = challenge.resend_wait(svc.policy, now)
         if wait:
             return ResendResult(challenge, wait=wait)
-        owner = (await queries.get_customer(svc.db, challenge.customer_id)
-                 if challenge.customer_id and step.purpose is Purpose.REGISTRATION else None)
-        if owner is not None:
+        if challenge.attempts >= svc.policy.max_attempts:
+            # Spent, as a real step would be: a new stand-in, with the same ledger, as a real
+            # resend starts a new step.
+            owner = (await queries.get_customer(svc.db, challenge.customer_id)
+                     if challenge.customer_id and step.purpose is Purpose.REGISTRATION else None)
             new_id = await decoy(svc, purpose=step.purpose, shown_to=challenge.sent_to, nonce=step.nonce,
-                                 notice=account_exists(owner), customer_id=owner.id, carry=challenge,
-                                 claim=challenge.claim)
-        else:
-            # Nobody to tell again: the step goes on showing the mail it showed.
-            new_id = await otp.stand_in(
-                svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=challenge.customer_id,
-                purpose=challenge.purpose, nonce=step.nonce, sent_to=challenge.sent_to, kind=Kind.DECOY,
-                carry=challenge, mail_id=await outbox.shown_by(svc.db, challenge.id), claim=challenge.claim,
-            )
-        return ResendResult(challenge, new_challenge_id=new_id)
+                                 notice=account_exists(owner) if owner else None, customer_id=challenge.customer_id,
+                                 carry=challenge, claim=challenge.claim)
+            return ResendResult(challenge, new_challenge_id=new_id)
+        await _answer_again(svc, challenge, step)
+        return ResendResult(challenge, new_challenge_id=challenge.id)
     assert challenge.customer_id is not None
     customer = await queries.get_customer(svc.db, challenge.customer_id)
     if customer is None:
         return ResendResult()
     recipient = svc.claims.open(challenge.claim)["email"] if step.purpose is Purpose.EMAIL and challenge.claim else None
+    # A step whose attempts are spent is over: its codes stay dead, and the new code starts a
+    # new step for this session (the customer's failure count and lockout carry on, as ever).
+    same = challenge if challenge.attempts < svc.policy.max_attempts else None
     try:
         issued, queued = await transact(svc.db, lambda: issue_code(
-            svc, customer, purpose=challenge.purpose, nonce=step.nonce, now=now, claim=challenge.claim,
-            recipient=recipient))
+            svc, customer, purpose=challenge.purpose, nonce=step.nonce, now=now, client=client, claim=challenge.claim,
+            recipient=recipient, challenge=same))
     except otp.Cooldown as exc:
         await audit.record(svc.db, Event.RESEND_REFUSED, customer_id=customer.id, ip=client.ip,
                            user_agent=client.user_agent, now=now)
@@ -550,6 +578,60 @@ async def resend(svc: Services, client: Client, step: Step, *, signed_in_as: int
     await audit.record(svc.db, Event.CODE_SENT, customer_id=customer.id, ip=client.ip, user_agent=client.user_agent,
                        now=now)
     return ResendResult(challenge, new_challenge_id=issued.challenge_id)
+
+
+async def _answer_again(svc: Services, challenge: otp.Challenge, step: Step) -> None:
+    """A stand-in's resend, answered as a real one would be: a registration's stand-in tells the
+    address's owner again (at most once per cooldown), and the step shows that notice; others
+    go on showing the mail they showed."""
+    now = svc.clock.now()
+    owner = (await queries.get_customer(svc.db, challenge.customer_id)
+             if challenge.customer_id and step.purpose is Purpose.REGISTRATION else None)
+    mail_id = await outbox.shown_by(svc.db, challenge.id)
+    queued = None
+    if owner is not None:
+        notice = account_exists(owner)
+        key = outbox.throttle_key("notice", notice.recipient)
+
+        async def work() -> outbox.Queued | None:
+            if not await outbox.take_throttle(svc.db, key, now=now, window=svc.policy.resend_cooldown):
+                return None
+            found = await outbox.enqueue(svc.db, svc.sealer, kind=notice.kind, recipient=notice.recipient, now=now,
+                                         customer_id=notice.customer_id, challenge_id=challenge.id,
+                                         context=notice.context, claim_for=svc.mailer.claim_now())
+            await outbox.note_throttled_mail(svc.db, key, found.id)
+            return found
+
+        queued = await transact(svc.db, work)
+        if queued is not None:
+            mail_id = queued.id
+    await otp.answer_again(svc.db, policy=svc.policy, now=now, challenge=challenge, mail_id=mail_id)
+    if queued is not None:
+        svc.mailer.dispatch(queued)
+
+
+# --- the mail's links --------------------------------------------------------------------
+
+NOT_ME_PAUSE = 15 * 60  # seconds sign-in codes stay paused after "Not you?"
+
+
+async def not_me(svc: Services, client: Client, token_value: str) -> bool:
+    """"Not you?" from a code mail (a POST: a link scanner's GET changes nothing): every pending
+    step of the customer ends and sign-in codes pause for 15 minutes. False: unknown link."""
+    customer_id = await otp.customer_of_stop_token(svc.db, token_value)
+    if customer_id is None:
+        return False
+    now = svc.clock.now()
+    await transact(svc.db, lambda: otp.pause_sign_in(svc.db, customer_id=customer_id, now=now,
+                                                     until=now + timedelta(seconds=NOT_ME_PAUSE)))
+    await audit.record(svc.db, Event.NOT_ME, customer_id=customer_id, ip=client.ip, user_agent=client.user_agent,
+                       now=now)
+    return True
+
+
+def code_of_link(link: otp.Link, token_value: str) -> str | None:
+    """The code a link stands for (sealed under its token: only the mail's holder can see it)."""
+    return open_for_token(token_value, link.sealed)
 
 
 # --- sign-out ----------------------------------------------------------------------------

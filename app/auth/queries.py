@@ -11,7 +11,7 @@ from databases import Database
 
 from app import sql
 from app.database import transact
-from app.tables import auth_events, auth_sessions, customers, mail_outbox, otp_verification
+from app.tables import auth_events, auth_sessions, customers, mail_outbox, otp_codes, otp_verification
 
 SIGNUP, SHOP = "signup", "shop"  # customers.source: this app's registration, or the shop's own rows
 
@@ -27,6 +27,7 @@ class Customer:
     otp_enabled: bool
     session_version: int
     source: str = SHOP
+    signin_paused_until: datetime | None = None
 
 
 _COLS = (
@@ -39,6 +40,7 @@ _COLS = (
     customers.c.otp_enabled,
     customers.c.session_version,
     customers.c.source,
+    customers.c.signin_paused_until,
 )
 
 
@@ -55,6 +57,7 @@ def _customer(rec: Any) -> Customer | None:
         otp_enabled=bool(rec.otp_enabled),
         session_version=rec.session_version,
         source=rec.source,
+        signin_paused_until=rec.signin_paused_until,
     )
 
 
@@ -298,6 +301,8 @@ async def move_signup(db: Database, customer_id: int, email: str) -> bool:
 
 _DELETE_ACCOUNT = (
     # What is the customer's goes; the audit keeps the events with the customer id alone.
+    sql.Query(otp_codes.delete().where(otp_codes.c.challenge_id.in_(
+        sa.select(otp_verification.c.id).where(otp_verification.c.customer_id == sa.bindparam("cid"))))),
     sql.Query(otp_verification.delete().where(otp_verification.c.customer_id == sa.bindparam("cid"))),
     sql.Query(auth_sessions.delete().where(auth_sessions.c.customer_id == sa.bindparam("cid"))),
     sql.Query(mail_outbox.delete().where(mail_outbox.c.customer_id == sa.bindparam("cid"))),

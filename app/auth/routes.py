@@ -28,7 +28,7 @@ SHOWN_PENDING_FOR = 1.5
 MAIL_DELAYED_AFTER = 15
 # One-time messages a redirect carries to the next page (cookie.notice), by name.
 NOTICES = {
-    "resent": "A new code is on its way. Earlier codes no longer work.",
+    "resent": "A new code is on its way. The codes we sent before still work until they expire.",
     "reused": "We did not send another code: the one we sent you a moment ago still works for this step.",
     "password-reset": "Your new password is set. Every other device was signed out.",
     "password-changed": "Your password was changed. Every other device was signed out.",
@@ -193,7 +193,7 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
     state = challenge.delivery if challenge.kind is not Kind.PLACEHOLDER else None
     if challenge.kind is Kind.DECOY and state is None:
         state = MailStatus.SENT.value  # no mail to show: shaped like a sent one
-    age = (now - challenge.created_at).total_seconds()
+    age = (now - challenge.sent_at).total_seconds()
     if age < SHOWN_PENDING_FOR and state in (MailStatus.QUEUED, MailStatus.SENDING, MailStatus.SENT):
         state = MailStatus.SENDING.value
     ctx: dict[str, Any] = {
@@ -203,7 +203,9 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
         "heading": HEADINGS[challenge.purpose],
         "start_again": START_AGAIN[challenge.purpose],
         "resend_wait": 0 if locked else wait,
-        "asked_at": challenge.created_at,
+        "asked_at": challenge.sent_at,
+        "tag": challenge.tag if challenge.kind is not Kind.PLACEHOLDER else "",
+        "step_words": flows.STEP_WORDS[challenge.purpose],
         "expires_at": challenge.expires_at,
         "expired": challenge.expires_at <= now,
         "locked_until": locked,
@@ -264,7 +266,7 @@ async def verify_form(request: Request) -> Response:
     challenge = await flows.load(svc, step)
     if step.purpose is Purpose.RESET and challenge is not None and challenge.used_at is not None:
         return redirect(request, "/password/new")  # the code was right: the new password is next
-    if challenge is None or challenge.used_at is not None:
+    if challenge is None or challenge.used_at is not None or challenge.invalidated_at is not None:
         return await _signed_in_elsewhere(request) or _gone(request)
     if step.purpose in (Purpose.EMAIL, Purpose.DELETE) and await _signed_in_as(request, step) != challenge.customer_id:
         return _gone(request)
@@ -287,6 +289,11 @@ async def verify_submit(request: Request) -> Response:
     code, problem = forms.code(dict(await request.form()))
     result = await flows.submit_code(services(request), client_of(request), step, code, problem,
                                      signed_in_as=await _signed_in_as(request, step))
+    return _after_code(request, result)
+
+
+def _after_code(request: Request, result: flows.CodeResult) -> Response:
+    """What a code entry (typed, or from the mail's link) leads to."""
     if result.signed_in is not None:
         sessions.signed_in(request, result.signed_in)
         return redirect(request, "/dashboard")
@@ -353,6 +360,65 @@ async def delivery(request: Request) -> Response:
     return render(request, "auth/verify.html", _step_context(request, challenge), block="delivery", fragment=True)
 
 
+# --- the mail's links --------------------------------------------------------------------
+
+CONFIRM_BUTTONS = {Purpose.REGISTRATION: "Confirm my email", Purpose.LOGIN: "Confirm sign-in",
+                   Purpose.RESET: "Continue to a new password", Purpose.EMAIL: "Confirm the new address",
+                   Purpose.DELETE: "Delete my account"}
+
+
+async def _link_context(request: Request) -> tuple[str, otp.Link | None, Step | None]:
+    """(token, the link if it still works, this browser's pending step if the link is its own)."""
+    token_value = request.path_params["token"]
+    svc = services(request)
+    link = await otp.find_link(svc.db, token_value=token_value, now=svc.clock.now())
+    if link is None or not link.works:
+        return token_value, None, None
+    step = sessions.pending_step(request)
+    if step is not None and step.challenge_id == link.challenge_id and await flows.load(svc, step) is not None:
+        return token_value, link, step
+    return token_value, link, None
+
+
+@one_connection
+async def link_page(request: Request) -> Response:
+    """The link in a code mail. A GET never uses anything (mail scanners open links): in the
+    browser that asked it offers a button; anywhere else it shows the code to type there."""
+    token_value, link, step = await _link_context(request)
+    ctx: dict[str, Any] = {"link": link, "heading": HEADINGS[link.purpose] if link else "", "code": None,
+                           "button": CONFIRM_BUTTONS[link.purpose] if link else "", "own": step is not None,
+                           "step_words": flows.STEP_WORDS[link.purpose] if link else ""}
+    if link is not None and step is None:
+        ctx["code"] = flows.code_of_link(link, token_value)
+    return render(request, "auth/link.html", ctx, status=200 if link else 410)
+
+
+@guarded("verify")
+@one_connection
+async def link_confirm(request: Request) -> Response:
+    token_value, link, step = await _link_context(request)
+    if link is None or step is None:
+        return await link_page(request)
+    code = flows.code_of_link(link, token_value)
+    result = await flows.submit_code(services(request), client_of(request), step, code, None if code else "gone",
+                                     signed_in_as=await _signed_in_as(request, step))
+    return _after_code(request, result)
+
+
+@one_connection
+async def not_you_page(request: Request) -> Response:
+    """"Not you?" from a code mail: the GET explains and asks; only the POST acts."""
+    known = await otp.customer_of_stop_token(services(request).db, request.path_params["token"]) is not None
+    return render(request, "auth/not_you.html", {"known": known, "done": False}, status=200 if known else 410)
+
+
+@guarded("not-you")
+@one_connection
+async def not_you_submit(request: Request) -> Response:
+    done = await flows.not_me(services(request), client_of(request), request.path_params["token"])
+    return render(request, "auth/not_you.html", {"known": done, "done": done}, status=200 if done else 410)
+
+
 # --- sign-out ----------------------------------------------------------------------------
 
 
@@ -392,6 +458,10 @@ routes = [
     Route("/verify", verify_submit, methods=["POST"], name="auth:verify_submit"),
     Route("/verify/resend", resend, methods=["POST"], name="auth:resend"),
     Route("/verify/delivery", delivery, methods=["GET"], name="auth:delivery"),
+    Route("/verify/link/{token}", link_page, methods=["GET"], name="auth:link"),
+    Route("/verify/link/{token}", link_confirm, methods=["POST"], name="auth:link_confirm"),
+    Route("/not-you/{token}", not_you_page, methods=["GET"], name="auth:not_you"),
+    Route("/not-you/{token}", not_you_submit, methods=["POST"], name="auth:not_you_submit"),
     Route("/logout", logout, methods=["POST"], name="auth:logout"),
     Route("/logout/everywhere", logout_everywhere, methods=["POST"], name="auth:logout_everywhere"),
 ]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
+
+from ua_parser import parse
 
 
 def when(moment: datetime) -> str:
@@ -12,13 +15,16 @@ def when(moment: datetime) -> str:
     return f"on {m:%A} {m.day} {m:%B %Y} at {m:%H:%M} UTC (UTC+00:00)"
 
 
+@lru_cache(maxsize=2048)
 def browser(user_agent: str) -> str:
-    """A short, human name for a user agent: "Chrome on Android"."""
-    ua = user_agent or ""
-    for needle, name in (("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("Chrome/", "Chrome"),
-                         ("Safari/", "Safari"), ("python-httpx", "script"), ("testclient", "test client")):
-        if needle in ua:
-            device = "Android" if "Android" in ua else "iPhone" if "iPhone" in ua else "Mac" if "Mac OS" in ua \
-                else "Windows" if "Windows" in ua else "Linux" if "Linux" in ua else ""
-            return f"{name} on {device}" if device else name
-    return "an unknown browser"
+    """A short, human name for a user agent, from ua-parser: "Chrome 130 on Android 14"."""
+    if not user_agent:
+        return "an unknown browser"
+    parsed = parse(user_agent[:512])
+    agent, system = parsed.user_agent, parsed.os
+    if agent is None or agent.family == "Other":
+        return "an unknown browser"
+    name = agent.family + (f" {agent.major}" if agent.major else "")
+    if system is not None and system.family != "Other":
+        name += f" on {system.family}" + (f" {system.major}" if system.major else "")
+    return name

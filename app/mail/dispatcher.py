@@ -18,9 +18,9 @@ from databases import Database
 
 from app.clock import Clock
 from app.mail import outbox
-from app.mail.messages import build
+from app.mail.messages import Dkim, Mail, build
 from app.mail.outbox import MailStatus
-from app.mail.transport import ConsoleTransport, PermanentError, TransientError, Transport
+from app.mail.transport import ConsoleTransport, PermanentError, TransientError, Transport, prune
 from app.security.crypto import Sealer
 
 log = logging.getLogger("app.mail")
@@ -55,6 +55,8 @@ class Dispatcher:
         max_tries: int = 8,
         concurrency: int = 8,
         smtp_timeout: float = 10.0,
+        code_in_subject: bool = False,
+        dkim: Dkim | None = None,
         console_fallback: bool = False,
         keep_sent: bool = False,
         on_event: Callable[[str, outbox.Queued, str | None], None] | None = None,
@@ -64,6 +66,7 @@ class Dispatcher:
         self.concurrency = concurrency
         self.send_timeout = 2 * smtp_timeout
         self.claim_for = claim_seconds(smtp_timeout)
+        self.code_in_subject, self.dkim = code_in_subject, dkim
         self.console = ConsoleTransport() if console_fallback else None
         self.keep_sent = keep_sent  # development keeps sent payloads for /dev/mail until expiry
         self.on_event = on_event
@@ -130,6 +133,7 @@ class Dispatcher:
             self._wake.clear()
             try:
                 await self.run_once()
+                await prune(self.transport)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database may be down: keep going
@@ -185,7 +189,7 @@ class Dispatcher:
             self._event("expired", message, None)
             return
         try:
-            email = build(message.kind, message.context, recipient=message.recipient, sender=self.sender)
+            email = self._build(message)
             await asyncio.wait_for(self.transport.send(email), self.send_timeout)
         except (TransientError, TimeoutError) as exc:
             await self._failed(message, str(exc) or type(exc).__name__, transient=True)
@@ -224,8 +228,7 @@ class Dispatcher:
         now = self.clock.now()
         if self.console is not None:
             # Development: the newcomer without a mail server still gets the code.
-            email = build(message.kind, message.context, recipient=message.recipient, sender=self.sender)
-            await self.console.send(email)
+            await self.console.send(self._build(message))
             await self._record(message, MailStatus.SENT, error=f"printed to console after: {error}",
                                keep_sent=self.keep_sent)
             return
@@ -237,6 +240,10 @@ class Dispatcher:
         else:
             await self._record(message, MailStatus.FAILED, error=error)
             self._event("failed", message, error)
+
+    def _build(self, message: outbox.Queued) -> Mail:
+        return build(message.kind, message.context, recipient=message.recipient, sender=self.sender,
+                     code_in_subject=self.code_in_subject, dkim=self.dkim)
 
     def _event(self, what: str, message: outbox.Queued, error: str | None) -> None:
         level = {"retry": logging.WARNING, "failed": logging.ERROR}.get(what, logging.INFO)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from typing import Protocol
 
 import aiosmtplib
@@ -27,6 +28,13 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+async def prune(transport: Transport) -> None:
+    """Let a transport with a pool close what it no longer needs."""
+    pruning = getattr(transport, "prune", None)
+    if pruning is not None:
+        await pruning()
+
+
 class ConsoleTransport:
     """Development and test only: prints the whole message, code included."""
 
@@ -47,7 +55,9 @@ class ConsoleTransport:
 
 
 class SmtpTransport:
-    """Sends over up to `size` reused SMTP connections at once."""
+    """Sends over reused SMTP connections: up to `size` stay open while mail is quiet, and while
+    mail waits the pool grows up to `max_size` at once; connections idle for `idle_close`
+    seconds beyond `size` are closed (prune), so a burst does not keep them for good."""
 
     def __init__(
         self,
@@ -59,13 +69,22 @@ class SmtpTransport:
         security: str = "starttls",
         timeout: float = 10.0,
         size: int = 8,
+        max_size: int | None = None,
+        idle_close: float = 30.0,
     ) -> None:
         self.host, self.port = host, port
         self.username, self.password = username, password
         self.security, self.timeout = security, timeout
-        self.size = size
-        self._slots = asyncio.Semaphore(size)
-        self._idle: list[aiosmtplib.SMTP] = []
+        self.size, self.max_size = size, max(size, max_size or size)
+        self.idle_close = idle_close
+        self._slots = asyncio.Semaphore(self.max_size)
+        self._idle: list[tuple[aiosmtplib.SMTP, float]] = []  # (connection, when it was last used)
+        self.opened = 0  # connections opened so far (tests and the bench read it)
+        self.busy = 0  # sends under way
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._idle) + self.busy
 
     async def _connect(self) -> aiosmtplib.SMTP:
         client = aiosmtplib.SMTP(
@@ -78,33 +97,52 @@ class SmtpTransport:
         await client.connect()
         if self.username and self.password:
             await client.login(self.username, self.password)
+        self.opened += 1
         return client
 
     async def send(self, message: Mail) -> None:
         async with self._slots:
-            client = self._idle.pop() if self._idle else None
+            self.busy += 1
             try:
-                if client is None or not client.is_connected:
-                    client = await self._connect()
-                try:
-                    await _sendmail(client, message)
-                except aiosmtplib.SMTPServerDisconnected:
-                    # A pooled connection the server closed while idle: one fresh try.
-                    client = await self._connect()
-                    await _sendmail(client, message)
-            except aiosmtplib.SMTPResponseException as exc:
-                await _quit(client)
-                if 400 <= exc.code < 500:
-                    raise TransientError(f"SMTP {exc.code}: {exc.message}") from None
-                raise PermanentError(f"SMTP {exc.code}: {exc.message}") from None
-            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                await _quit(client)
-                raise TransientError(f"{type(exc).__name__}: {exc}") from None
-            self._idle.append(client)
+                await self._send(message)
+            finally:
+                self.busy -= 1
+
+    async def _send(self, message: Mail) -> None:
+        client = self._idle.pop()[0] if self._idle else None
+        try:
+            if client is None or not client.is_connected:
+                client = await self._connect()
+            try:
+                await _sendmail(client, message)
+            except aiosmtplib.SMTPServerDisconnected:
+                # A pooled connection the server closed while idle: one fresh try.
+                client = await self._connect()
+                await _sendmail(client, message)
+        except aiosmtplib.SMTPResponseException as exc:
+            await _quit(client)
+            if 400 <= exc.code < 500:
+                raise TransientError(f"SMTP {exc.code}: {exc.message}") from None
+            raise PermanentError(f"SMTP {exc.code}: {exc.message}") from None
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            await _quit(client)
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        self._idle.append((client, time.monotonic()))
+
+    async def prune(self) -> int:
+        """Close connections beyond `size` that have been idle `idle_close` seconds; how many."""
+        cutoff = time.monotonic() - self.idle_close
+        # The most recently used stay (the end of the list); the oldest beyond `size` go.
+        surplus = max(0, len(self._idle) - self.size)
+        stale = [pair for pair in self._idle[:surplus] if pair[1] < cutoff]
+        for pair in stale:
+            self._idle.remove(pair)
+            await _quit(pair[0])
+        return len(stale)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
+        for client, _ in idle:
             await _quit(client)
 
 

@@ -13,7 +13,7 @@ from databases import Database
 from app import sql
 from app.mail import outbox
 from app.otp.engine import Kind
-from app.tables import otp_stats, otp_verification
+from app.tables import otp_codes, otp_stats, otp_verification
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -68,6 +68,9 @@ DELETE_CHUNK = 500
 # A fixed number of placeholders, so the statement is prepared once; a short chunk repeats its
 # last id (IN ignores duplicates).
 _DELETE = sql.Query(o.delete().where(o.c.id.in_([sa.bindparam(f"id{i}") for i in range(DELETE_CHUNK)])))
+_DELETE_CODES = sql.Query(
+    otp_codes.delete().where(otp_codes.c.challenge_id.in_([sa.bindparam(f"id{i}") for i in range(DELETE_CHUNK)]))
+)
 
 
 async def _cleanup_batch(db: Database, *, cutoff: datetime) -> int:
@@ -90,7 +93,9 @@ async def _cleanup_batch(db: Database, *, cutoff: datetime) -> int:
         for i in range(0, len(ids), DELETE_CHUNK):
             chunk = ids[i : i + DELETE_CHUNK]
             chunk += [chunk[-1]] * (DELETE_CHUNK - len(chunk))
-            await sql.execute(db, _DELETE, **{f"id{j}": v for j, v in enumerate(chunk)})
+            ids_of_chunk = {f"id{j}": v for j, v in enumerate(chunk)}
+            await sql.execute(db, _DELETE_CODES, **ids_of_chunk)
+            await sql.execute(db, _DELETE, **ids_of_chunk)
     return len(rows)
 
 

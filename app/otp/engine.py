@@ -16,8 +16,8 @@ import sqlalchemy as sa
 from databases import Database
 
 from app import sql
-from app.security.crypto import keyed_hash
-from app.tables import customers, mail_outbox, otp_verification
+from app.security.crypto import keyed_hash, letters_token, seal_for_token, sha256_hex
+from app.tables import customers, mail_outbox, otp_codes, otp_verification
 
 CODE_DIGITS = 6
 
@@ -77,6 +77,9 @@ class Issued:
     challenge_id: int
     code: str
     expires_at: datetime
+    tag: str  # the step's tag, shown beside the code field and in the mail
+    link_token: str  # the mail's link (kept only hashed)
+    stop_token: str  # the mail's "Not you?" link (kept only hashed)
 
 
 class Cooldown(Exception):
@@ -107,6 +110,13 @@ class Challenge:
     session_version: int = 0  # the customer's, for the session a right code starts
     delivery: str | None = None  # the state of the mail it shows (app.mail.outbox.MailStatus), if any
     claim: str | None = None  # sealed details of a registration that takes over an unconfirmed sign-up
+    last_code_at: datetime | None = None  # when its newest code (or, for a stand-in, its last answer) went
+    tag: str = ""
+
+    @property
+    def sent_at(self) -> datetime:
+        """When the step's newest code went out (for a stand-in: when it answered last)."""
+        return self.last_code_at or self.created_at
 
     @property
     def real(self) -> bool:
@@ -117,7 +127,7 @@ class Challenge:
         """Seconds until a new code may be asked for, as the code step shows it. A decoy
         counts from its own creation; everything else from the customer's last code."""
         if self.kind is Kind.DECOY or self.last_sent_at is None:
-            return _left(self.created_at, policy.resend_cooldown, now)
+            return _left(self.sent_at, policy.resend_cooldown, now)
         return _left(self.last_sent_at, policy.resend_cooldown, now)
 
 
@@ -160,6 +170,20 @@ def binding_hash(key: bytes, nonce: str) -> str:
     return keyed_hash(key, "pending-session", nonce)
 
 
+# Letters and digits no one confuses (no 0/O, 1/I/L, 2/Z, 5/S, 6/G, 8/B).
+TAG_ALPHABET = "ACDEFHJKMNPRTUVWXY3479"
+CODES_KEPT = 3  # the newest codes of a step that stay valid
+
+
+def new_tag() -> str:
+    """Three characters that tie a step to its mails ("Code for sign-in K7Q")."""
+    return "".join(secrets.choice(TAG_ALPHABET) for _ in range(3))
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return max(a, b) if a and b else a or b
+
+
 def _left(since: datetime | None, seconds: int, now: datetime) -> int:
     if since is None:
         return 0
@@ -179,17 +203,19 @@ _TAKE_COOLDOWN = sql.Query(
 )
 _INVALIDATE_OPEN = sql.Query(
     o.update()
-    .where(o.c.customer_id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    .where(o.c.customer_id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None),
+           o.c.id != sa.bindparam("keep"))
     .values(invalidated_at=sa.bindparam("now"))
 )
 
 
 def _ending_open_codes(*where: Any, values: dict[Any, Any]) -> sql.Query:
-    """MySQL/MariaDB: an UPDATE of the customer row that also ends the customer's open codes,
-    one statement instead of two (a multi-table UPDATE: the customer row, then their codes,
-    the order everything that locks both takes them in; nothing changes when the customer row
-    does not match). SQLite runs the two statements."""
-    open_codes = sa.and_(o.c.customer_id == c.c.id, o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    """MySQL/MariaDB: an UPDATE of the customer row that also ends the customer's open steps
+    (challenges) but `keep`, one statement instead of two (a multi-table UPDATE: the customer
+    row, then their challenges, the order everything that locks both takes them in; nothing
+    changes when the customer row does not match). SQLite runs the two statements."""
+    open_codes = sa.and_(o.c.customer_id == c.c.id, o.c.used_at.is_(None), o.c.invalidated_at.is_(None),
+                         o.c.id != sa.bindparam("keep"))
     return sql.Query(
         sa.update(c.outerjoin(o, open_codes)).where(*where)
         .values({**values, o.c.invalidated_at: sa.bindparam("now")})
@@ -197,15 +223,15 @@ def _ending_open_codes(*where: Any, values: dict[Any, Any]) -> sql.Query:
 
 
 async def _ending_open_codes_if(db: Database, alone: sql.Query, combined: sql.Query, *, cid: int, now: datetime,
-                                **params: Any) -> int:
+                                keep: int = 0, **params: Any) -> int:
     """Run a customer-row UPDATE and, when it matched the row, end the customer's open codes:
     `combined` (one statement, from _ending_open_codes) on MySQL/MariaDB, `alone` then
     _INVALIDATE_OPEN on SQLite. How many rows it changed: 0 when the customer row did not match."""
     if sql.dialect(db) == "mysql":
-        return await sql.execute(db, combined, cid=cid, now=now, **params)
+        return await sql.execute(db, combined, cid=cid, now=now, keep=keep, **params)
     changed = await sql.execute(db, alone, cid=cid, now=now, **params)
     if changed:
-        await sql.execute(db, _INVALIDATE_OPEN, cid=cid, now=now)
+        await sql.execute(db, _INVALIDATE_OPEN, cid=cid, now=now, keep=keep)
     return changed
 
 
@@ -217,7 +243,31 @@ _TAKE_COOLDOWN_ENDING_OPEN = _ending_open_codes(
 _INSERT = sql.Query(
     o.insert(),
     columns=("id", "customer_id", "purpose", "code_hash", "session_binding", "kind", "sent_to", "attempts",
-             "created_at", "expires_at", "failures", "lockouts", "locked_until", "claim", "mail_id"),
+             "created_at", "expires_at", "failures", "lockouts", "locked_until", "claim", "mail_id", "last_code_at",
+             "tag"),
+)
+k = otp_codes
+_INSERT_CODE = sql.Query(
+    k.insert(), columns=("challenge_id", "code_hash", "created_at", "expires_at", "link_hash", "link_sealed",
+                         "stop_hash"),
+)
+# A resend: the step's newest code is this one now (a placeholder becomes a real step).
+_NEXT_CODE = sql.Query(
+    o.update().where(o.c.id == sa.bindparam("cid"))
+    .values(expires_at=sa.bindparam("expires"), last_code_at=sa.bindparam("now"), kind=Kind.CODE.value,
+            claim=sa.bindparam("new_claim"))
+)
+_OPEN_CODE_IDS = sql.Query(
+    sa.select(k.c.id)
+    .where(k.c.challenge_id == sa.bindparam("cid"), k.c.invalidated_at.is_(None), k.c.expires_at > sa.bindparam("now"))
+    .order_by(k.c.created_at.desc(), k.c.id.desc())
+)
+_PUSH_OUT = sql.Query(k.update().where(k.c.id == sa.bindparam("code_id")).values(invalidated_at=sa.bindparam("now")))
+# Every code of the step, newest first: which one an entry matches, and whether it still works.
+_CODES = sql.Query(
+    sa.select(k.c.id, k.c.code_hash, k.c.expires_at, k.c.invalidated_at)
+    .where(k.c.challenge_id == sa.bindparam("cid"))
+    .order_by(k.c.created_at.desc(), k.c.id.desc())
 )
 
 
@@ -239,29 +289,47 @@ async def issue(
     sent_to: str,
     claim: str | None = None,
     cooldown: bool = True,
+    challenge: Challenge | None = None,
 ) -> Issued:
-    """Issue a new code, invalidating the customer's open ones; Cooldown if too soon.
+    """A code for a new step, ending the customer's other open steps; or, with `challenge`, one
+    more code for that open step (a resend): every earlier code of it stays valid until its own
+    expiry, the CODES_KEPT newest at most, all under the step's one attempt budget. Cooldown if
+    too soon (the customer's cooldown, kept in the database).
 
     `claim`: the sealed details of a registration that takes over an unconfirmed sign-up,
-    applied only when this code is entered. Call inside a transaction together with queueing
-    its mail, so that a code exists exactly when its mail does.
+    applied only when a code of this step is entered. Call inside a transaction together with
+    queueing its mail, so that a code exists exactly when its mail does.
     """
     # cooldown=False: the customer's cooldown is taken whatever it holds (the caller limits the
-    # mail some other way, e.g. per address); the open codes still end.
+    # mail some other way, e.g. per address); the other open steps still end.
     threshold = now - timedelta(seconds=policy.resend_cooldown) if cooldown else now + timedelta(days=1)
+    keep = challenge.id if challenge is not None else 0
     if not await _ending_open_codes_if(db, _TAKE_COOLDOWN, _TAKE_COOLDOWN_ENDING_OPEN, cid=customer_id,
-                                       threshold=threshold, now=now):
+                                       threshold=threshold, now=now, keep=keep):
         raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
     code = generate_code()
-    challenge_id = new_challenge_id()
     expires_at = now + timedelta(seconds=policy.ttl(purpose))
+    if challenge is None:
+        challenge_id, tag = new_challenge_id(), new_tag()
+        await sql.execute(
+            db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
+            code_hash=secrets.token_hex(32), session_binding=binding_hash(keys.binding, nonce), kind=Kind.CODE.value,
+            sent_to=sent_to, attempts=0, created_at=now, expires_at=expires_at, failures=0, lockouts=0,
+            locked_until=None, claim=claim, mail_id=None, last_code_at=now, tag=tag,
+        )
+    else:
+        challenge_id, tag = challenge.id, challenge.tag
+        await sql.execute(db, _NEXT_CODE, cid=challenge_id, expires=expires_at, now=now, new_claim=claim)
+        older = await sql.fetch_all(db, _OPEN_CODE_IDS, cid=challenge_id, now=now)
+        for row in older[CODES_KEPT - 1:]:
+            await sql.execute(db, _PUSH_OUT, code_id=row.id, now=now)
+    link_token, stop_token = letters_token(), letters_token()
     await sql.execute(
-        db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
-        code_hash=code_hash(keys.code, challenge_id, code), session_binding=binding_hash(keys.binding, nonce),
-        kind=Kind.CODE.value, sent_to=sent_to, attempts=0, created_at=now, expires_at=expires_at, failures=0, lockouts=0,
-        locked_until=None, claim=claim, mail_id=None,
+        db, _INSERT_CODE, challenge_id=challenge_id, code_hash=code_hash(keys.code, challenge_id, code),
+        created_at=now, expires_at=expires_at, link_hash=sha256_hex(link_token),
+        link_sealed=seal_for_token(link_token, code), stop_hash=sha256_hex(stop_token),
     )
-    return Issued(challenge_id, code, expires_at)
+    return Issued(challenge_id, code, expires_at, tag, link_token, stop_token)
 
 
 async def stand_in(
@@ -285,16 +353,29 @@ async def stand_in(
     challenge_id = new_challenge_id()
     await sql.execute(
         db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
-        code_hash=code_hash(keys.code, challenge_id, secrets.token_hex(16)),
-        session_binding=binding_hash(keys.binding, nonce), kind=kind.value, sent_to=sent_to, attempts=0,
-        created_at=now, expires_at=now + timedelta(seconds=policy.ttl(purpose)),
-        # A re-issued decoy keeps its failure ledger, as a customer's would.
+        code_hash=secrets.token_hex(32), session_binding=binding_hash(keys.binding, nonce), kind=kind.value,
+        sent_to=sent_to, attempts=0, created_at=now, expires_at=now + timedelta(seconds=policy.ttl(purpose)),
+        # A stand-in for an address starts from the ledger of the last one, as a customer's would.
         failures=carry.failures if carry else 0,
         lockouts=carry.lockouts if carry else 0,
         locked_until=carry.locked_until if carry else None,
-        claim=claim, mail_id=mail_id,
+        claim=claim, mail_id=mail_id, last_code_at=now, tag=new_tag(),
     )
     return challenge_id
+
+
+_ANSWER_AGAIN = sql.Query(
+    o.update().where(o.c.id == sa.bindparam("cid"))
+    .values(expires_at=sa.bindparam("expires"), last_code_at=sa.bindparam("now"), mail_id=sa.bindparam("new_mail"))
+)
+
+
+async def answer_again(db: Database, *, policy: OtpPolicy, now: datetime, challenge: Challenge,
+                       mail_id: int | None) -> None:
+    """A stand-in's "resend": the same step answers as if a new code had gone (its lifetime and
+    cooldown start again), showing the state of `mail_id` (a notice, or the mail it showed)."""
+    await sql.execute(db, _ANSWER_AGAIN, cid=challenge.id, now=now, new_mail=mail_id,
+                      expires=now + timedelta(seconds=policy.ttl(challenge.purpose)))
 
 
 _LATEST_DECOY = sql.Query(
@@ -373,6 +454,63 @@ _CONSUME = sql.Query(
 )
 
 
+_PAUSE = sql.Query(
+    c.update().where(c.c.id == sa.bindparam("cid"))
+    .values(signin_paused_until=sa.func.coalesce(
+        sa.case((c.c.signin_paused_until > sa.bindparam("until"), c.c.signin_paused_until), else_=sa.bindparam("until")),
+        sa.bindparam("until")))
+)
+_END_STEPS = sql.Query(
+    o.update()
+    .where(o.c.customer_id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    .values(invalidated_at=sa.bindparam("now"))
+)
+_STOP_TOKEN = sql.Query(
+    sa.select(o.c.customer_id).select_from(k.join(o, o.c.id == k.c.challenge_id))
+    .where(k.c.stop_hash == sa.bindparam("h"))
+)
+
+
+async def customer_of_stop_token(db: Database, token_value: str) -> int | None:
+    """Whose code mail this "Not you?" link came in (its token is kept hashed)."""
+    found = await sql.fetch_val(db, _STOP_TOKEN, h=sha256_hex(token_value))
+    return None if found is None else int(found)
+
+
+async def pause_sign_in(db: Database, *, customer_id: int, now: datetime, until: datetime) -> None:
+    """"Not you?": every pending step of the customer ends, and no sign-in code goes out until
+    `until` (a password reset still can: it is what to do next)."""
+    await sql.execute(db, _PAUSE, cid=customer_id, until=until)
+    await sql.execute(db, _END_STEPS, cid=customer_id, now=now)
+
+
+_LINK = sql.Query(
+    sa.select(k.c.challenge_id, k.c.link_sealed, k.c.expires_at, k.c.invalidated_at, o.c.used_at.label("step_used"),
+              o.c.invalidated_at.label("step_ended"), o.c.tag, o.c.purpose)
+    .select_from(k.join(o, o.c.id == k.c.challenge_id))
+    .where(k.c.link_hash == sa.bindparam("h"))
+)
+
+
+@dataclass(frozen=True)
+class Link:
+    """What a mail's link leads to: its step, and whether its code still works."""
+
+    challenge_id: int
+    sealed: str
+    tag: str
+    purpose: Purpose
+    works: bool
+
+
+async def find_link(db: Database, *, token_value: str, now: datetime) -> Link | None:
+    rec = await sql.fetch_one(db, _LINK, h=sha256_hex(token_value))
+    if rec is None or rec.link_sealed is None:
+        return None
+    works = (rec.invalidated_at is None and rec.expires_at > now and rec.step_used is None and rec.step_ended is None)
+    return Link(rec.challenge_id, rec.link_sealed, rec.tag, Purpose(rec.purpose), works)
+
+
 async def consume(db: Database, *, challenge_id: int, now: datetime, within: int) -> bool:
     """Spend what a verified challenge allows (a password reset), once: True for the one caller
     that did, within `within` seconds of the code being entered."""
@@ -398,7 +536,8 @@ _LOAD = sql.Query(
     sa.select(
         o.c.id, o.c.customer_id, o.c.purpose, o.c.kind, o.c.sent_to, o.c.attempts, o.c.created_at, o.c.expires_at,
         o.c.used_at, o.c.invalidated_at, o.c.session_binding, o.c.code_hash, o.c.failures, o.c.lockouts,
-        o.c.locked_until, o.c.claim, c.c.otp_locked_until, c.c.otp_last_sent_at, c.c.session_version,
+        o.c.locked_until, o.c.claim, o.c.last_code_at, o.c.tag, c.c.otp_locked_until, c.c.otp_last_sent_at,
+        c.c.session_version, c.c.signin_paused_until,
         # The state of its newest mail, in the same round trip (the code step shows it); a decoy
         # inside the notice cooldown shows the state of the notice that went out before.
         sa.func.coalesce(
@@ -432,7 +571,8 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
         expires_at=rec.expires_at,
         used_at=rec.used_at,
         invalidated_at=rec.invalidated_at,
-        locked_until=rec.locked_until if rec.kind == Kind.DECOY else rec.otp_locked_until,
+        locked_until=rec.locked_until if rec.kind == Kind.DECOY else _later(
+            rec.otp_locked_until, rec.signin_paused_until if rec.purpose == Purpose.LOGIN.value else None),
         last_sent_at=rec.otp_last_sent_at,
         code_hash=rec.code_hash,
         failures=rec.failures,
@@ -440,6 +580,8 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
         session_version=rec.session_version or 0,
         delivery=rec.delivery,
         claim=rec.claim,
+        last_code_at=rec.last_code_at,
+        tag=rec.tag,
     )
 
 
@@ -486,15 +628,14 @@ _open_code = sa.and_(
     o.c.id == sa.bindparam("cid"), o.c.attempts < sa.bindparam("max_attempts"),
     o.c.used_at.is_(None), o.c.invalidated_at.is_(None),
 )
-# A right code: counted and used in one guarded UPDATE, so of concurrent entries one wins,
-# and only while the code still has tries left and nothing replaced it.
-_USE = sql.Query(o.update().where(_open_code).values(attempts=o.c.attempts + 1, used_at=sa.bindparam("now")))
-_COUNT = sql.Query(
-    o.update()
-    .where(o.c.id == sa.bindparam("cid"), o.c.attempts < sa.bindparam("max_attempts"), o.c.used_at.is_(None))
-    .values(attempts=o.c.attempts + 1)
+# Every entry is counted against the step's one budget before anything is compared, by a
+# guarded UPDATE: of any number of concurrent entries, at most max_attempts count.
+_COUNT = sql.Query(o.update().where(_open_code).values(attempts=o.c.attempts + 1))
+# The entry matched an open code: the step is used, once (of concurrent right entries one wins).
+_USE = sql.Query(
+    o.update().where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    .values(used_at=sa.bindparam("now"))
 )
-_STATE = sql.Query(sa.select(o.c.attempts, o.c.used_at, o.c.invalidated_at).where(o.c.id == sa.bindparam("cid")))
 # A right code resets the failures, and proves the mailbox: the address counts as verified
 # (a shop customer whose address was never confirmed, signing in with codes on, included), and
 # the resend cooldown ends (it keeps a mailbox from being flooded; this one just answered).
@@ -505,9 +646,11 @@ _SUCCEEDED = sql.Query(c.update().where(c.c.id == sa.bindparam("cid")).values(_R
 _SUCCEEDED_ENDING_OPEN = _ending_open_codes(c.c.id == sa.bindparam("cid"), values=_RESET)
 
 
-# A right code on the sign-in path, checked and used by one guarded UPDATE: bound to this
-# pending session, a mailed code (not a placeholder or decoy), tries left, not used,
-# replaced or expired, and the customer not locked out. Anything else changes nothing.
+# A right code on the sign-in path, checked and used by one guarded UPDATE: a step bound to
+# this pending session, with real codes (not a placeholder or decoy), tries left, not used or
+# ended, one of its codes matching and neither pushed out nor expired, and the customer not
+# locked out. Anything else changes nothing. The hashes are keyed (HMAC of the step's id and
+# the code), so comparing them in SQL tells nothing about any code to anyone without the key.
 _USE_BOUND = sql.Query(
     o.update()
     .where(
@@ -516,9 +659,10 @@ _USE_BOUND = sql.Query(
         o.c.purpose == sa.bindparam("purpose"),
         o.c.kind == Kind.CODE.value,
         o.c.session_binding == sa.bindparam("binding"),
-        o.c.code_hash == sa.bindparam("hash"),
-        o.c.expires_at > sa.bindparam("now"),
-        ~sa.exists().where(c.c.id == sa.bindparam("uid"), c.c.otp_locked_until > sa.bindparam("now")),
+        sa.exists().where(k.c.challenge_id == sa.bindparam("cid"), k.c.code_hash == sa.bindparam("hash"),
+                          k.c.invalidated_at.is_(None), k.c.expires_at > sa.bindparam("now")),
+        ~sa.exists().where(c.c.id == sa.bindparam("uid"), sa.or_(c.c.otp_locked_until > sa.bindparam("now"),
+                                                                 c.c.signin_paused_until > sa.bindparam("now"))),
     )
     .values(attempts=o.c.attempts + 1, used_at=sa.bindparam("now"))
 )
@@ -558,27 +702,29 @@ async def verify(
     challenge: Challenge,
     code: str,
 ) -> Verdict:
-    """Check one code entry against a challenge loaded for this session. A VERIFIED verdict has
-    used the code: the caller finishes with succeeded() in the same transaction."""
+    """Check one code entry against a step loaded for this session: any of its open codes, under
+    its one attempt budget. A VERIFIED verdict has used the step: the caller finishes with
+    succeeded() in the same transaction."""
     if challenge.used_at is not None or challenge.invalidated_at is not None:
         return Verdict(Outcome.INVALID)
     locked_until = challenge.locked_until
     if locked_until is not None and locked_until > now:
         return Verdict(Outcome.LOCKED, locked_until=locked_until)
     if challenge.expires_at <= now:
-        return Verdict(Outcome.EXPIRED)
-    # The hash never changes after issue, so the one loaded with the challenge is current.
-    right = hmac.compare_digest(code_hash(keys.code, challenge.id, code), challenge.code_hash) and challenge.real
-    if right:
-        if not await sql.execute(db, _USE, cid=challenge.id, max_attempts=policy.max_attempts, now=now):
-            state = await sql.fetch_one(db, _STATE, cid=challenge.id)
-            if state is not None and state.used_at is None and state.invalidated_at is None:
-                return Verdict(Outcome.DEAD)  # out of tries before this entry counted
-            return Verdict(Outcome.INVALID)  # used or replaced meanwhile
-        return Verdict(Outcome.VERIFIED, customer_id=challenge.customer_id, purpose=challenge.purpose)
-    # Count the attempt, guarded, so no burst gets more than max tries.
+        return Verdict(Outcome.EXPIRED)  # its newest code, and so every one, has expired
+    # Counted before comparing: no burst gets more than max tries, right entries included.
     if not await sql.execute(db, _COUNT, cid=challenge.id, max_attempts=policy.max_attempts):
         return Verdict(Outcome.DEAD)
+    matched = None
+    if challenge.real:
+        entry = code_hash(keys.code, challenge.id, code)
+        for row in await sql.fetch_all(db, _CODES, cid=challenge.id):
+            if hmac.compare_digest(entry, row.code_hash):
+                matched = row
+    if matched is not None and matched.invalidated_at is None and matched.expires_at > now:
+        if not await sql.execute(db, _USE, cid=challenge.id, now=now):
+            return Verdict(Outcome.INVALID)  # used (or ended) meanwhile
+        return Verdict(Outcome.VERIFIED, customer_id=challenge.customer_id, purpose=challenge.purpose)
     # This entry's count (exact unless the same session races itself, where it only
     # changes the "attempts left" wording; the guard above is what limits tries).
     code_left = max(0, policy.max_attempts - (challenge.attempts + 1))
@@ -594,5 +740,10 @@ async def verify(
         if not await sql.execute(db, ledger.lock, row_id=row_id, max_attempts=policy.max_attempts, until=until):
             until = await sql.fetch_val(db, ledger.locked_until, row_id=row_id)
         return Verdict(Outcome.LOCKED, customer_id=challenge.customer_id if challenge.real else None, locked_until=until)
+    if matched is not None:  # a code of this step that no longer works (it says which way)
+        return Verdict(Outcome.EXPIRED if matched.invalidated_at is None else Outcome.INVALID,
+                       customer_id=challenge.customer_id, attempts_left=min(code_left, policy.max_attempts - failures))
     left = min(code_left, policy.max_attempts - failures)
+    if left <= 0:
+        return Verdict(Outcome.DEAD, customer_id=challenge.customer_id)
     return Verdict(Outcome.WRONG, customer_id=challenge.customer_id, attempts_left=left)

@@ -104,3 +104,29 @@ class Sealer:
                 raise Unreadable("not an object")
             return value
         raise Unreadable("no key opens it")
+
+
+TOKEN_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def letters_token(length: int = 24) -> str:
+    """A random token of letters only (about 6 bits each: 24 letters is 136 bits). A link with
+    it has no digit run a mail client or a test could mistake for the code."""
+    return "".join(secrets.choice(TOKEN_LETTERS) for _ in range(length))
+
+
+def seal_for_token(token_value: str, text: str) -> str:
+    """`text` sealed under a key derived from a token that only its holder has (the database
+    keeps a hash of the token): what the row holds opens only with the link from the mail."""
+    key = hashlib.sha256(b"computer-shop:token-seal\x1f" + token_value.encode()).digest()
+    nonce = os.urandom(12)
+    return base64.b64encode(nonce + AESGCM(key).encrypt(nonce, text.encode(), b"token-seal")).decode()
+
+
+def open_for_token(token_value: str, sealed: str) -> str | None:
+    key = hashlib.sha256(b"computer-shop:token-seal\x1f" + token_value.encode()).digest()
+    try:
+        blob = base64.b64decode(sealed, validate=True)
+        return AESGCM(key).decrypt(blob[:12], blob[12:], b"token-seal").decode()
+    except (binascii.Error, ValueError, InvalidTag):
+        return None

@@ -12,5 +12,8 @@ def services(request: Request) -> Services:
 
 
 def client_of(request: Request) -> Client:
-    """The client's address (ProxyMiddleware resolved it from TRUSTED_PROXIES) and user agent."""
-    return Client(request.client.host if request.client else "", request.headers.get("user-agent", "")[:255])
+    """The client's address (ProxyMiddleware resolved it from TRUSTED_PROXIES), user agent, and
+    the origin links in mail point to: PUBLIC_ORIGIN (required in production); in development
+    and test, the address this request came to."""
+    origin = services(request).settings.public_origin or f"{request.url.scheme}://{request.url.netloc}"
+    return Client(request.client.host if request.client else "", request.headers.get("user-agent", "")[:255], origin)

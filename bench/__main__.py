@@ -34,8 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--customers", type=int, default=None, help="customers to seed (default: enough for the runs)")
     p.add_argument("--hash-seconds", type=float, default=None, help="length of the Argon2 bound step (default 5)")
     p.add_argument("--workers", type=int, default=2, help="uvicorn workers (default 2)")
-    p.add_argument("--smtp-pool-size", type=int, default=24,
-                   help="SMTP_POOL_SIZE for each worker (default 24: C=32 over 2 workers never waits for a connection)")
+    p.add_argument("--smtp-pool-size", type=int, default=None,
+                   help="SMTP_POOL_SIZE for each worker (default: the app's, 8 kept and up to SMTP_POOL_MAX=32 "
+                        "while mail waits)")
     p.add_argument("--db-pool-size", type=int, default=None, help="DB_POOL_SIZE for the app (default: app's)")
     p.add_argument("--rate-limit", default=None, help="RATE_LIMIT for the app (default: app's, 20/minute)")
     p.add_argument("--no-scale", action="store_true", help="skip the 1 M customers / 5 M codes step")

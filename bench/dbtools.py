@@ -161,6 +161,13 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
                 "used_at=IF(@st=0, @now - INTERVAL @age SECOND + INTERVAL 40 SECOND, NULL), "
                 "invalidated_at=IF(@st=1, @now - INTERVAL @age SECOND + INTERVAL 61 SECOND, NULL)"
             ))
+            # Each step's code (otp_codes since migration 0003): the code step reads it by step id.
+            _load(cur, path, (
+                "LOAD DATA LOCAL INFILE '{path}' INTO TABLE otp_codes (@id, @cid, @age, @st) SET "
+                "challenge_id=@id, code_hash=@ch, created_at=@now - INTERVAL @age SECOND, "
+                "expires_at=@now - INTERVAL @age SECOND + INTERVAL 600 SECOND, "
+                "invalidated_at=IF(@st=1, @now - INTERVAL @age SECOND + INTERVAL 61 SECOND, NULL)"
+            ))
             if mail:
                 mail_loaded += _load(cur, path, (
                     "LOAD DATA LOCAL INFILE '{path}' INTO TABLE mail_outbox (@id, @cid, @age, @st) SET "
@@ -178,7 +185,7 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
         timings["codes_s"] = time.monotonic() - t
         timings["codes_id_generation_s"] = gen_s
         t = time.monotonic()
-        cur.execute("ANALYZE TABLE customers, customer_otp_verification, mail_outbox")
+        cur.execute("ANALYZE TABLE customers, customer_otp_verification, otp_codes, mail_outbox")
         cur.fetchall()
         timings["analyze_s"] = time.monotonic() - t
     return timings
@@ -187,7 +194,8 @@ def load_scale(conn_args: dict[str, Any], db: str, *, customers_total: int, firs
 def table_sizes(conn_args: dict[str, Any], db: str) -> dict[str, Any]:
     with connect(**conn_args, db=db) as c, c.cursor() as cur:
         out = {}
-        for table in ("customers", "customer_otp_verification", "mail_outbox", "auth_sessions", "auth_events"):
+        for table in ("customers", "customer_otp_verification", "otp_codes", "mail_outbox", "auth_sessions",
+                      "auth_events"):
             cur.execute(f"SELECT COUNT(*) FROM `{table}`")
             out[table] = cur.fetchone()[0]
         cur.execute(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pymysql
 import sqlalchemy.exc
 from databases import Database
+from pymysql.constants.CLIENT import FOUND_ROWS
 
 if TYPE_CHECKING:
     from app.settings import Settings
@@ -37,6 +38,9 @@ def make_database(settings: Settings) -> Database:
         # Every rule here is a guarded single-row UPDATE; REPEATABLE READ's gap locks would
         # only make concurrent sign-ins of different customers deadlock on index ranges.
         init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        # A guarded UPDATE's row count is the rows its WHERE matched, as on SQLite: MySQL would
+        # otherwise leave out a matched row whose values happen to be unchanged.
+        client_flag=FOUND_ROWS,
     )
 
 

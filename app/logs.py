@@ -13,14 +13,18 @@ from app.settings import Settings
 QUIET_IN_PRODUCTION = ("databases", "aiomysql", "aiosqlite", "sqlalchemy", "aiosmtplib", "mail.log", "httpx", "httpcore")
 _SECRETS = re.compile(r"(?i)(password|passwd|code|csrf_token|cookie|session)=([^&\s]+)")
 _COOKIE_HEADER = re.compile(r"(?i)(cookie:\s*)(\S+)")
+# A code mail's links: their token shows the code (or ends the customer's pending steps) to
+# whoever holds it, so an access log line keeps the path and drops the token.
+_LINK_TOKEN = re.compile(r"(/verify/link/|/not-you/)[A-Za-z0-9_-]+")
 
 
 class RedactFilter(logging.Filter):
-    """Blanks name=value pairs that look like secrets, and cookies, in the final message."""
+    """Blanks name=value pairs that look like secrets, cookies and mail link tokens in the final message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = _COOKIE_HEADER.sub(r"\1[redacted]", _SECRETS.sub(r"\1=[redacted]", message))
+        cleaned = _LINK_TOKEN.sub(r"\1[redacted]",
+                                  _COOKIE_HEADER.sub(r"\1[redacted]", _SECRETS.sub(r"\1=[redacted]", message)))
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True

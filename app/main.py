@@ -93,7 +93,8 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         jinja_env.auto_reload = settings.is_development
     configure_hashing(settings.hash_concurrency)
     db = make_database(settings)
-    keys = otp.Keys(code=derive_key(settings.secret_key, "otp-code"), binding=derive_key(settings.secret_key, "otp-binding"))
+    keys = otp.Keys(code=derive_key(settings.secret_key, "otp-code"), binding=derive_key(settings.secret_key, "otp-binding"),
+                    address=derive_key(settings.secret_key, "address"))
     fallbacks = settings.secret_key_fallbacks
     sealer = Sealer.for_purpose(settings.secret_key, fallbacks, "mail-outbox", aad=b"outbox")
     mailer = Dispatcher(
@@ -105,7 +106,9 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
     )
     services = Services(
         settings=settings, db=db, clock=clock, keys=keys, policy=make_policy(settings), sealer=sealer,
-        claims=Sealer.for_purpose(settings.secret_key, fallbacks, "registration-claim"), mailer=mailer,
+        # Key rotation reopens sessions and queued mail only (SECURITY.md 34): a registration
+        # step's sealed details made under an old key are gone with it.
+        claims=Sealer.for_purpose(settings.secret_key, (), "registration-claim"), mailer=mailer,
         limiter=RateLimiter(settings.rate_limit_storage, settings.rate_limit, settings.login_account_rate_limit,
                             clock=clock),
     )

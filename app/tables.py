@@ -90,10 +90,12 @@ otp_verification = sa.Table(
     sa.Column("tag", sa.String(3), nullable=False, server_default=""),  # shown on the step and in its mails
     sa.Column("used_at", UTCDateTime, nullable=True),
     sa.Column("invalidated_at", UTCDateTime, nullable=True),
-    # A decoy keeps its own failure ledger, shaped like the customer's, so it behaves alike.
-    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),
-    sa.Column("locked_until", UTCDateTime, nullable=True),
+    # Whoever started the step proved a secret (the password, or a signed-in session). Only such
+    # a step touches the customer's failure count, cooldown and other steps; one started by a
+    # form anyone can send (registration, forgot password) counts on `ledger_key`'s row of
+    # otp_ledgers instead, so a stranger cannot lock out, hold up or end the owner's sign-in.
+    sa.Column("proven", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("ledger_key", sa.String(64), nullable=True),
     # A registration taking over an unconfirmed sign-up: its details (username, name, password
     # hash), sealed, applied only when this code is entered.
     sa.Column("claim", sa.Text, nullable=True),
@@ -101,7 +103,20 @@ otp_verification = sa.Table(
     sa.Column("mail_id", sa.BigInteger, nullable=True),
     sa.Index("ix_otp_customer_open", "customer_id", "used_at", "invalidated_at"),
     sa.Index("ix_otp_expires_at", "expires_at"),
-    sa.Index("ix_otp_sent_to", "sent_to", "purpose", "created_at"),  # a stand-in's ledger, carried per address
+)
+
+# The failure count of steps nobody proved a secret for, per purpose and address (a keyed hash
+# of both): shared by every such step for that address, real or stand-in, from any session, so
+# they all behave alike and a flood of them locks only themselves.
+otp_ledgers = sa.Table(
+    "otp_ledgers",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("lockouts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("locked_until", UTCDateTime, nullable=True),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.Index("ix_otp_ledgers_updated", "updated_at"),
 )
 
 otp_stats = sa.Table(
@@ -188,9 +203,10 @@ otp_codes = sa.Table(
 mail_throttle = sa.Table(
     "mail_throttle",
     metadata,
-    # At most one notice per key (a keyed hash of the recipient) per window, taken by a guarded
+    # At most one mail per key (a keyed hash of the recipient, or of a session's step) per window, taken by a guarded
     # UPDATE or, the first time, an INSERT that the primary key lets only one request win.
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("last_at", UTCDateTime, nullable=False),
     sa.Column("mail_id", sa.BigInteger, nullable=True),  # the notice that went out then
+    sa.Index("ix_mail_throttle_last", "last_at"),  # clean-up forgets windows idle for a day
 )

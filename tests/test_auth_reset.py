@@ -153,6 +153,9 @@ async def test_the_new_password_follows_the_registration_rules(server: Running, 
 
 async def test_a_locked_customer_stays_locked_through_a_reset(server: Running, smtp: Capture,
                                                               clock: FixedClock) -> None:
+    """The reset itself answers as for anyone (the lockout is not shown to whoever asks), and a
+    reset lifts no lockout: the password changes and every session ends, but none starts while
+    codes are paused, and the failure count is untouched."""
     async with server.client() as c:
         await registered(c, smtp)
     clock.advance(61)
@@ -162,19 +165,89 @@ async def test_a_locked_customer_stays_locked_through_a_reset(server: Running, s
         wrong = "000000" if code != "000000" else "111111"
         for _ in range(5):
             await submit_code(c, wrong)
+    locked = await server.services.db.fetch_one(sa.select(customers))
+    assert locked.otp_locked_until is not None and locked.otp_lockouts == 1
     async with server.client() as c:
         await forgot(c, "jane@example.com")
         page = await c.get("/verify")
-        assert "codes are paused" in page.text and re.search(r'id="code"[^>]* disabled', page.text)
-        clock.advance(40)  # past the resend cooldown, not past the lockout
-        token = await get_csrf(c, "/verify")
-        r = await c.post("/verify/resend", data={"csrf_token": token})
-        assert r.status_code == 422 and "codes are paused" in r.text
-        r = await submit_code(c, code)
-        assert r.status_code == 422 and "codes are paused" in r.text
-        assert (await c.get("/password/new")).headers["location"] == "/verify"
+        assert "codes are paused" not in page.text and not re.search(r'id="code"[^>]* disabled', page.text)
+        reset_code = code_in((await wait_mail(smtp, "jane@example.com", 3))[-1])
+        assert (await submit_code(c, reset_code)).headers["location"] == "/password/new"
+        r = await set_password(c)
+        assert r.status_code == 200 and "Your new password is set" in r.text and "codes stay paused" in r.text
+        assert (await c.get("/dashboard")).headers["location"] == "/login", "no session while locked"
     row = await server.services.db.fetch_one(sa.select(customers))
-    assert row.otp_locked_until is not None and row.password_hash.startswith("$argon2id$")
+    assert row.otp_locked_until == locked.otp_locked_until and row.otp_lockouts == 1
+    assert row.password_hash != locked.password_hash
+    async with server.client() as c:
+        await login(c, "jane", NEW_PASSWORD)
+        page = await c.get("/verify")
+        assert "codes are paused" in page.text, "the new password meets the same lockout"
+
+
+async def test_wrong_reset_codes_never_lock_the_owners_sign_in(server: Running, smtp: Capture,
+                                                              clock: FixedClock) -> None:
+    """Anyone can ask for a reset for any address: its wrong codes count on the address's own
+    reset ledger (which locks resets), never on the customer's failure count, so the owner's
+    sign-in codes keep working however often a stranger tries."""
+    async with server.client() as c:
+        await registered(c, smtp)
+    for _ in range(3):
+        clock.advance(3601)
+        async with server.client() as stranger:
+            await forgot(stranger, "jane@example.com")
+            for _ in range(5):
+                await submit_code(stranger, "000001")
+            assert "codes are paused" in (await stranger.get("/verify")).text  # resets are paused
+    row = await server.services.db.fetch_one(sa.select(customers))
+    assert row.otp_attempts == 0 and row.otp_locked_until is None and row.otp_lockouts == 0
+    clock.advance(61)
+    async with server.client() as owner:
+        await login(owner)
+        code = code_in((await wait_mail(smtp, "jane@example.com", 5))[-1])
+        assert (await submit_code(owner, code)).headers["location"] == "/dashboard"
+
+
+async def test_a_reset_request_neither_ends_nor_holds_up_the_owners_sign_in(server: Running, smtp: Capture,
+                                                                          clock: FixedClock) -> None:
+    """A stranger's reset request does not end the owner's pending sign-in step, take the
+    customer's resend cooldown, or hand the owner's step to the stranger."""
+    async with server.client() as c:
+        await registered(c, smtp)
+    clock.advance(61)
+    async with server.client() as owner:
+        await login(owner)
+        sign_in_code = code_in((await wait_mail(smtp, "jane@example.com", 2))[-1])
+        clock.advance(61)
+        async with server.client() as stranger:
+            await forgot(stranger, "jane@example.com")
+            await wait_mail(smtp, "jane@example.com", 3)
+        token = await get_csrf(owner, "/verify")
+        r = await owner.post("/verify/resend", data={"csrf_token": token})
+        assert r.status_code == 303, "the customer's cooldown was not taken by the reset"
+        assert (await submit_code(owner, sign_in_code)).headers["location"] == "/dashboard"
+
+
+async def test_a_second_reset_request_inside_a_minute_answers_as_for_an_unknown_address(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """Two browsers asking for the same address within a minute: the second gets a step of its
+    own (the first keeps working) and no mail, whether the address has an account or not."""
+    async with server.client() as c:
+        await registered(c, smtp)
+    clock.advance(3600)
+    scrub = re.compile(r'class="tag">\w{3}<|[A-Za-z0-9_-]{43}|datetime="[^"]+"|[a-z0-9.]+@example\.com')
+    seen = {}
+    for email in ("jane@example.com", "nobody@example.com"):
+        async with server.client() as a, server.client() as b:
+            first = await forgot(a, email, htmx=True)
+            second = await forgot(b, email, htmx=True)
+            assert (await a.get("/verify")).status_code == 200, "the first browser keeps its step"
+            seen[email] = (scrub.sub("", first.text), scrub.sub("", second.text),
+                           scrub.sub("", (await b.get("/verify")).text))
+    assert seen["jane@example.com"] == seen["nobody@example.com"]
+    await asyncio.sleep(0.3)
+    assert len(smtp.to("jane@example.com")) == 2  # the registration's, and the first reset's only
 
 
 async def test_a_reset_code_is_a_code_like_every_other(server: Running, smtp: Capture, clock: FixedClock) -> None:

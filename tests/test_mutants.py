@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pytest
@@ -297,16 +296,25 @@ async def test_attempts_left_count_the_customers_failures_across_steps(server: R
     assert (verdict.status, verdict.attempts_left) == (Outcome.WRONG, 1)
 
 
-async def test_a_code_without_the_cooldown_goes_out_inside_it(server: Running, smtp: Capture,
-                                                             clock: FixedClock) -> None:
-    """issue(cooldown=False) (a caller that limits its mail another way) is not refused inside
-    the customer's cooldown (kills `if cooldown or True`)."""
-    _, cid = await login_code(server, smtp, clock)
+def address_ledger(server: Running, purpose: Purpose, address: str = "jane@example.com") -> str:
+    return otp.ledger_key(server.services.keys.address, purpose, address)
+
+
+async def test_an_unproven_code_goes_out_inside_the_cooldown_and_ends_no_other_step(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """issue(ledger=...) (a step nobody proved a secret for: the caller limits its mail per
+    address) neither waits for nor takes the customer's cooldown, and leaves their other steps
+    open (kills `if ledger is None or True` and the dropped `else`)."""
+    first, cid = await login_code(server, smtp, clock)
     svc = server.services
     clock.advance(5)
     again = await otp.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=cid,
-                            purpose=Purpose.LOGIN, nonce="tab-2", sent_to="jane@example.com", cooldown=False)
-    assert (await load(server, again.challenge_id, "tab-2")).real
+                            purpose=Purpose.RESET, nonce="tab-2", sent_to="jane@example.com",
+                            ledger=address_ledger(server, Purpose.RESET))
+    step = await load(server, again.challenge_id, "tab-2")
+    assert step.real and not step.proven
+    assert (await load(server, first.challenge_id)).invalidated_at is None
 
 
 async def test_a_paused_sign_in_leaves_a_password_reset_open(server: Running, smtp: Capture,
@@ -317,7 +325,8 @@ async def test_a_paused_sign_in_leaves_a_password_reset_open(server: Running, sm
     svc = server.services
     await otp.pause_sign_in(svc.db, customer_id=cid, now=clock.now(), until=clock.now() + timedelta(seconds=900))
     reset = await otp.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=cid,
-                            purpose=Purpose.RESET, nonce="tab-3", sent_to="jane@example.com", cooldown=False)
+                            purpose=Purpose.RESET, nonce="tab-3", sent_to="jane@example.com",
+                            ledger=address_ledger(server, Purpose.RESET))
     step = await load(server, reset.challenge_id, "tab-3")
     assert step.locked_until is None
     assert (await verify(server, step, reset.code, clock.now())).status is Outcome.VERIFIED
@@ -364,55 +373,40 @@ async def test_the_mail_links_of_a_code_lead_back_to_it(server: Running, smtp: C
     assert await otp.find_link(db, token_value=issued.stop_token, now=clock.now()) is None
 
 
-@dataclass(frozen=True)
-class Carried:
-    failures: int
-    lockouts: int
-    locked_until: datetime | None
-
-
-async def test_a_decoy_starts_from_the_ledger_it_carries(server: Running, clock: FixedClock) -> None:
-    """stand_in(carry=...): a new decoy for the same address keeps the failures, lockouts and
-    lock of the last one, so starting again is no way round a lock (kills each dropped field)."""
+async def test_every_unproven_step_of_an_address_shares_its_ledger(server: Running, clock: FixedClock) -> None:
+    """stand_in(ledger=...): failures on one step of an address count for the next, whichever
+    session asks, so starting again is no way round a lock (kills a dropped ledger key, or the
+    stand-in counting on its own)."""
     svc, now = server.services, clock.now()
+    key = address_ledger(server, Purpose.REGISTRATION, "taken@example.com")
 
-    async def decoy(nonce: str, carry: Carried) -> otp.Challenge:
+    async def decoy(nonce: str) -> otp.Challenge:
         challenge_id = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=None,
                                           purpose=Purpose.REGISTRATION, nonce=nonce, sent_to="taken@example.com",
-                                          kind=Kind.DECOY, carry=carry, claim="sealed")
+                                          kind=Kind.DECOY, claim="sealed", ledger=key)
         return await load(server, challenge_id, nonce)
 
-    locked = await decoy("tab-1", Carried(1, 2, now + timedelta(seconds=900)))
-    assert (locked.claim, locked.failures, locked.lockouts) == ("sealed", 1, 2)
-    verdict = await verify(server, locked, "123456", now)
-    assert verdict.status is Outcome.LOCKED and verdict.locked_until == now + timedelta(seconds=900)
+    first = await decoy("tab-1")
+    assert first.claim == "sealed" and not first.proven and first.ledger_key == key
+    for _ in range(4):
+        assert (await verify(server, first, "123456", now)).status is Outcome.WRONG
+    second = await decoy("tab-2")
+    verdict = await verify(server, second, "123456", now)
+    assert verdict.status is Outcome.LOCKED and verdict.locked_until == now + timedelta(seconds=60)
+    third = await decoy("tab-3")
+    assert third.locked_until == now + timedelta(seconds=60)
+    assert (await verify(server, third, "123456", now)).status is Outcome.LOCKED
 
-    one_left = await decoy("tab-2", Carried(4, 1, None))
-    verdict = await verify(server, one_left, "123456", now)
-    # the fifth failure locks it, for the second step of the schedule (one lockout before)
-    assert verdict.status is Outcome.LOCKED and verdict.locked_until == now + timedelta(seconds=300)
 
-
-async def test_the_newest_decoy_of_an_address_is_found_for_as_long_as_a_lock_lasts(server: Running,
-                                                                                   clock: FixedClock) -> None:
-    """latest_decoy(): the newest decoy for this address and purpose, created within the longest
-    lockout plus the login TTL (3600 + 600 s); none for another address or purpose, none older
-    (kills every mutant of its window and lookup)."""
-    svc, start = server.services, clock.now()
-    await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=start, customer_id=None,
-                       purpose=Purpose.REGISTRATION, nonce="tab-1", sent_to="taken@example.com", kind=Kind.DECOY,
-                       carry=Carried(3, 1, None))
-
-    async def latest(at: float, sent_to: str = "taken@example.com",
-                     purpose: Purpose = Purpose.REGISTRATION) -> otp.Ledger | None:
-        return await otp.latest_decoy(svc.db, purpose=purpose, sent_to=sent_to, now=start + timedelta(seconds=at),
-                                      policy=svc.policy)
-
-    found = await latest(4199)
-    assert found is not None and (found.failures, found.lockouts) == (3, 1)
-    assert await latest(4200) is None
-    assert await latest(10, sent_to="other@example.com") is None
-    assert await latest(10, purpose=Purpose.LOGIN) is None
+async def test_an_address_ledger_is_one_per_purpose_and_address_however_typed(server: Running) -> None:
+    """ledger_key(): case and surrounding spaces do not make another ledger; another purpose
+    or address does."""
+    key = server.services.keys.address
+    base = otp.ledger_key(key, Purpose.RESET, "jane@example.com")
+    assert otp.ledger_key(key, Purpose.RESET, " Jane@Example.COM ") == base
+    assert otp.ledger_key(key, Purpose.REGISTRATION, "jane@example.com") != base
+    assert otp.ledger_key(key, Purpose.RESET, "jan@example.com") != base
+    assert len(base) == 64
 
 
 # --- app/otp/cleanup.py ------------------------------------------------------------------

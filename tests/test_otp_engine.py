@@ -13,7 +13,7 @@ import sqlalchemy as sa
 import app.otp.engine as engine
 from app.clock import FixedClock
 from app.otp import Purpose
-from app.tables import auth_sessions, customers, mail_outbox, otp_codes, otp_stats, otp_verification
+from app.tables import auth_sessions, customers, mail_outbox, otp_codes, otp_ledgers, otp_stats, otp_verification
 from tests.conftest import (
     Capture,
     Running,
@@ -28,6 +28,9 @@ from tests.conftest import (
     with_,
 )
 
+# A registration form's step counts its failures on the address's ledger (nobody proved a
+# secret to start it): clearing it lets a test reach the per-step cap alone.
+UNLOCK_LEDGER = otp_ledgers.update().values(failures=0, lockouts=0, locked_until=None)
 pytestmark = pytest.mark.anyio
 
 
@@ -47,41 +50,39 @@ def test_codes_come_from_secrets_not_random() -> None:
     assert not re.search(r"^\s*(import random|from random)", source, re.M)
 
 
-class NoEquals(str):
-    """A stored hash that fails the test if anything compares it with == (timing leaks)."""
-
-    def __eq__(self, other: object) -> bool:
-        raise AssertionError("compared with ==, not in constant time")
-
-    __ne__ = __eq__  # type: ignore[assignment]
-    __hash__ = str.__hash__
-
-
-async def test_code_comparison_is_constant_time(server: Running, smtp: Capture, clock: FixedClock) -> None:
-    """SECURITY.md 5: the Python path compares the keyed hashes with hmac.compare_digest (which
-    reads the bytes, never calling ==). The one-UPDATE fast path compares in SQL; it leaks
+async def test_code_comparison_is_constant_time(server: Running, smtp: Capture, clock: FixedClock,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """SECURITY.md 5: verify() decides with hmac.compare_digest over the keyed hashes of the
+    step's codes: with a comparator that never matches, the right code is refused, so nothing
+    else (an ==, a SQL comparison) makes that decision. The fast path compares in SQL; it leaks
     nothing usable: it compares HMAC(key, id:code) with the stored HMAC, so how far two hashes
     agree says nothing about the code to anyone without SECRET_KEY (tests/README.md)."""
-    from dataclasses import replace
+    import hmac
 
     svc = server.services
     async with server.client() as c:
-        await register(c)
-        code = code_in((await wait_mail(smtp, "jane@example.com"))[0])
-    row = await svc.db.fetch_one(sa.select(otp_verification))
-    challenge = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=row.id, nonce="x")
-    assert challenge is None  # another session's nonce: refused, by compare_digest too
-    loaded = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == row.id))
-    fake = engine.Challenge(
-        id=loaded.id, customer_id=loaded.customer_id, purpose=Purpose(loaded.purpose), kind=engine.Kind.CODE,
-        sent_to="x", attempts=0, created_at=loaded.created_at, expires_at=loaded.expires_at, used_at=None,
-        invalidated_at=None, locked_until=None, last_sent_at=None, code_hash=NoEquals(loaded.code_hash))
-    wrong = "000000" if code != "000000" else "111111"
-    verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=fake,
-                                  code=wrong)
-    assert verdict.status == "wrong"
-    verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
-                                  challenge=replace(fake, attempts=1), code=code)
+        await registered(c, smtp)
+    customer_id = await svc.db.fetch_val(sa.select(customers.c.id))
+    clock.advance(61)
+    issued = await engine.issue(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), customer_id=customer_id,
+                                purpose=Purpose.LOGIN, nonce="n", sent_to="x")
+    step = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id, nonce="n")
+    assert step is not None
+    compared: list[tuple[object, object]] = []
+
+    def never(a: object, b: object) -> bool:
+        compared.append((a, b))
+        return False
+
+    monkeypatch.setattr(hmac, "compare_digest", never)
+    verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=step,
+                                  code=issued.code)
+    assert verdict.status == "wrong" and compared, "the right code was matched by something else"
+    monkeypatch.undo()
+    step = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id, nonce="n")
+    assert step is not None
+    verdict = await engine.verify(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(), challenge=step,
+                                  code=issued.code)
     assert verdict.status == "verified"
 
 
@@ -329,7 +330,7 @@ async def test_a_right_code_ends_every_other_open_code_of_the_customer_and_only_
     if path == "use_code":
         assert await engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
                                      challenge_id=issued.challenge_id, nonce="n", customer_id=customer_id,
-                                     purpose=Purpose.LOGIN, code=issued.code)
+                                     purpose=Purpose.LOGIN, code=issued.code) is engine.FastCheck.USED
     else:
         ch = await engine.load_challenge(svc.db, keys=svc.keys, challenge_id=issued.challenge_id, nonce="n")
         assert ch is not None
@@ -368,9 +369,9 @@ async def test_sign_out_everywhere_and_a_right_code_at_once_never_deadlock(
                                   purpose=Purpose.LOGIN, nonce=f"{kind}{round_}", sent_to="x", kind=kind)
 
         async def use(issued: engine.Issued = issued, nonce: str = f"r{round_}") -> bool:
-            if not await engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
-                                         challenge_id=issued.challenge_id, nonce=nonce, customer_id=customer_id,
-                                         purpose=Purpose.LOGIN, code=issued.code):
+            if await engine.use_code(svc.db, keys=svc.keys, policy=svc.policy, now=clock.now(),
+                                     challenge_id=issued.challenge_id, nonce=nonce, customer_id=customer_id,
+                                     purpose=Purpose.LOGIN, code=issued.code) is not engine.FastCheck.USED:
                 return False
             await engine.succeeded(svc.db, customer_id, clock.now())
             return True
@@ -405,10 +406,11 @@ async def test_sign_in_fast_path_refuses_a_right_code_while_the_customer_is_lock
     await svc.db.execute(customers.update().values(otp_locked_until=clock.now() + timedelta(seconds=60)))
     use = {"keys": svc.keys, "policy": svc.policy, "challenge_id": issued.challenge_id, "nonce": "n",
            "customer_id": customer_id, "purpose": Purpose.LOGIN, "code": issued.code}
-    assert not await engine.use_code(svc.db, now=clock.now(), **use)
-    assert await svc.db.fetch_val(sa.select(otp_verification.c.used_at)) is None
+    assert await engine.use_code(svc.db, now=clock.now(), **use) is engine.FastCheck.UNCOUNTED
+    row = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == issued.challenge_id))
+    assert row.used_at is None and row.attempts == 0  # refused unread: verify() answers LOCKED
     clock.advance(61)
-    assert await engine.use_code(svc.db, now=clock.now(), **use)
+    assert await engine.use_code(svc.db, now=clock.now(), **use) is engine.FastCheck.USED
 
 
 async def test_sign_in_fast_path_refuses_a_right_code_bound_to_another_pending_session(
@@ -418,12 +420,14 @@ async def test_sign_in_fast_path_refuses_a_right_code_bound_to_another_pending_s
     customer_id, issued = await _login_code(server, smtp, clock, "mine")
     use = {"keys": svc.keys, "policy": svc.policy, "now": clock.now(), "challenge_id": issued.challenge_id,
            "customer_id": customer_id, "purpose": Purpose.LOGIN, "code": issued.code}
-    assert not await engine.use_code(svc.db, nonce="someone-else", **use)
-    wrong = "000000" if issued.code != "000000" else "111111"
-    assert not await engine.use_code(svc.db, nonce="mine", **{**use, "code": wrong})
+    assert await engine.use_code(svc.db, nonce="someone-else", **use) is engine.FastCheck.UNCOUNTED
     row = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == issued.challenge_id))
-    assert row.used_at is None and row.attempts == 0  # a refusal here changes nothing
-    assert await engine.use_code(svc.db, nonce="mine", **use)
+    assert row.used_at is None and row.attempts == 0  # another session's entry changes nothing
+    wrong = "000000" if issued.code != "000000" else "111111"
+    assert await engine.use_code(svc.db, nonce="mine", **{**use, "code": wrong}) is engine.FastCheck.COUNTED
+    row = await svc.db.fetch_one(sa.select(otp_verification).where(otp_verification.c.id == issued.challenge_id))
+    assert row.used_at is None and row.attempts == 1  # counted, as verify() counts every entry
+    assert await engine.use_code(svc.db, nonce="mine", **use) is engine.FastCheck.USED
 
 
 async def test_twenty_concurrent_correct_submissions_give_exactly_one_session(server: Running, smtp: Capture) -> None:
@@ -507,9 +511,9 @@ async def test_wrong_entries_spread_over_the_codes_of_a_step_share_one_budget(
             await resend(c)
             codes.append(code_in((await wait_mail(smtp, "jane@example.com", n))[-1]))
         for _ in range(5):
-            await svc.db.execute(customers.update().values(otp_attempts=0, otp_locked_until=None))
+            await svc.db.execute(UNLOCK_LEDGER)
             await submit_code(c, "000001" if "000001" not in codes else "999998")
-        await svc.db.execute(customers.update().values(otp_attempts=0, otp_locked_until=None))
+        await svc.db.execute(UNLOCK_LEDGER)
         for code in codes:
             r = await submit_code(c, code)
             assert r.status_code == 422 and "Too many wrong entries" in r.text, "the one budget is spent"
@@ -570,8 +574,9 @@ async def test_a_registration_code_never_completes_a_sign_in_step(
 async def test_a_code_takes_at_most_max_attempts_entries_even_when_the_customer_is_not_locked(
     server: Running, smtp: Capture
 ) -> None:
-    """SECURITY.md 6, the per-code cap on its own: the customer's failure count is cleared after
-    every entry here, so only the code's own guarded count can refuse the sixth entry."""
+    """SECURITY.md 6, the per-code cap on its own: the failure count (a registration form's
+    step counts on its address's ledger) is cleared after every entry here, so only the code's
+    own guarded count can refuse the sixth entry."""
     svc = server.services
     async with server.client() as c:
         await register(c)
@@ -579,7 +584,7 @@ async def test_a_code_takes_at_most_max_attempts_entries_even_when_the_customer_
         wrong = "000000" if right != "000000" else "111111"
         for _ in range(6):
             await submit_code(c, wrong)
-            await svc.db.execute(customers.update().values(otp_attempts=0, otp_locked_until=None))
+            await svc.db.execute(UNLOCK_LEDGER)
         r = await submit_code(c, right)
         assert r.status_code == 422 and "Too many wrong entries for this code" in r.text
     assert await svc.db.fetch_val(sa.select(otp_verification.c.attempts)) == 5

@@ -9,15 +9,15 @@ from app import audit
 from app.audit import Event
 from app.auth import queries
 from app.auth.flows import (
-    Notice,
     Refused,
     SignedIn,
     Step,
+    address_in_use,
     check_account_password,
-    decoy,
     notice_context,
     send_code,
     start_session,
+    taken_address_step,
 )
 from app.auth.queries import Customer
 from app.database import transact
@@ -73,10 +73,8 @@ async def start_email_change(svc: Services, client: Client, customer: Customer, 
     claim = svc.claims.seal({"email": new_email})
     taken = await queries.find_customer(svc.db, login=new_email)
     if taken is not None and taken.id != customer.id:
-        notice = Notice(MailKind.ADDRESS_IN_USE, taken.email, {}, taken.id)
-        challenge_id = await decoy(svc, purpose=Purpose.EMAIL, shown_to=new_email, nonce=nonce, notice=notice,
-                                   customer_id=customer.id, claim=claim)
-        return Step(challenge_id, nonce, Purpose.EMAIL)
+        return await taken_address_step(svc, customer, address=new_email, nonce=nonce, notice=address_in_use(taken),
+                                        claim=claim)
     return await send_code(svc, customer, purpose=Purpose.EMAIL, nonce=nonce, client=client, claim=claim,
                            recipient=new_email)
 

@@ -5,6 +5,7 @@ render what it returns."""
 
 from __future__ import annotations
 
+import hmac
 import math
 import secrets
 from dataclasses import dataclass
@@ -103,14 +104,16 @@ async def start_session(svc: Services, customer_id: int, session_version: int, c
 
 async def issue_code(svc: Services, customer: Customer, *, purpose: Purpose, nonce: str, now: datetime,
                      client: Client, claim: str | None = None, recipient: str | None = None,
-                     cooldown: bool = True, challenge: otp.Challenge | None = None) -> tuple[otp.Issued, outbox.Queued]:
+                     challenge: otp.Challenge | None = None, ledger: str | None = None,
+                     shown: str | None = None) -> tuple[otp.Issued, outbox.Queued]:
     """A new code and its mail, queued together (call inside a transaction, then dispatch).
     `recipient`: another address than the customer's (a new email to confirm). `challenge`: one
-    more code for this open step (a resend: the earlier ones stay valid)."""
+    more code for this open step (a resend: the earlier ones stay valid). `ledger`: the step is
+    unproven (otp.issue). `shown`: the address as the customer typed it."""
     to = recipient or customer.email
     issued = await otp.issue(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
-                             purpose=purpose, nonce=nonce, sent_to=shown_address(purpose, to), claim=claim,
-                             cooldown=cooldown, challenge=challenge)
+                             purpose=purpose, nonce=nonce, sent_to=shown_address(purpose, shown or to), claim=claim,
+                             challenge=challenge, ledger=ledger)
     queued = await outbox.enqueue(
         svc.db, svc.sealer, now=now, recipient=to, customer_id=customer.id, kind=CODE_MAIL[purpose],
         challenge_id=issued.challenge_id, expires_at=issued.expires_at,
@@ -136,8 +139,9 @@ def code_mail_context(svc: Services, customer: Customer, issued: otp.Issued, *, 
 
 async def send_code(svc: Services, customer: Customer, *, purpose: Purpose, nonce: str, client: Client,
                     claim: str | None = None, recipient: str | None = None) -> Step:
-    """Issue and queue a code. Inside the cooldown, hand this step the open code of the same
-    purpose (said so on the step), or a placeholder that asks to wait."""
+    """Issue and queue a code for a proven step (after the password, or inside a signed-in
+    session). Inside the customer's cooldown, hand this step the open code of the same purpose
+    (whoever asks proved the password again; the step says so), or a placeholder that asks to wait."""
     now = svc.clock.now()
     try:
         issued, queued = await transact(svc.db, lambda: issue_code(
@@ -170,43 +174,121 @@ class Notice:
     customer_id: int | None = None
 
 
-async def decoy(svc: Services, *, purpose: Purpose, shown_to: str, nonce: str, notice: Notice | None,
-                customer_id: int | None = None, carry: otp.Challenge | None = None, claim: str | None = None) -> int:
-    """A step that looks like a real code's where none may go (the address belongs to another
-    account, or to nobody). Instead of a code, `notice` goes to its address, at most one per
-    cooldown per address (taken atomically, so concurrent requests send one); inside that
-    cooldown, or with no notice at all, the step shows the state of the notice that did go out,
-    as a real code's step shows its mail."""
-    now = svc.clock.now()
-    key = outbox.throttle_key("notice", notice.recipient) if notice else None
-    shown = shown_address(purpose, shown_to)
-    ledger: otp.Ledger | None = carry or await otp.latest_decoy(svc.db, purpose=purpose, sent_to=shown, now=now,
-                                                                policy=svc.policy)
-
-    async def work() -> tuple[int, outbox.Queued | None]:
-        took = key is not None and await outbox.take_throttle(svc.db, key, now=now, window=svc.policy.resend_cooldown)
-        earlier = await outbox.throttled_mail(svc.db, key) if key is not None and not took else None
-        challenge_id = await otp.stand_in(
-            svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer_id, purpose=purpose, nonce=nonce,
-            sent_to=shown, kind=Kind.DECOY, carry=ledger, mail_id=earlier, claim=claim,
-        )
-        if not took or notice is None or key is None:
-            return challenge_id, None
-        queued = await outbox.enqueue(svc.db, svc.sealer, kind=notice.kind, recipient=notice.recipient, now=now,
-                                      customer_id=notice.customer_id, challenge_id=challenge_id,
-                                      context=notice.context, claim_for=svc.mailer.claim_now())
-        await outbox.note_throttled_mail(svc.db, key, queued.id)
-        return challenge_id, queued
-
-    challenge_id, queued = await transact(svc.db, work)
-    if queued is not None:
-        svc.mailer.dispatch(queued)  # the same way, and as soon, as a code mail goes
-    return challenge_id
-
-
 def account_exists(owner: Customer) -> Notice:
     return Notice(MailKind.ACCOUNT_EXISTS, owner.email, {"name": display_name(owner), "username": owner.username or ""},
                   owner.id)
+
+
+def address_in_use(owner: Customer) -> Notice:
+    return Notice(MailKind.ADDRESS_IN_USE, owner.email, {}, owner.id)
+
+
+def mail_window(svc: Services, address: str) -> str:
+    """The window that lets at most one mail a cooldown go to an address nobody proved anything
+    for (a code or a notice), whoever asks."""
+    return outbox.throttle_key(svc.keys.address, "unasked", address)
+
+
+async def _enqueue_notice(svc: Services, notice: Notice, *, challenge_id: int, window: str,
+                          now: datetime) -> outbox.Queued:
+    queued = await outbox.enqueue(svc.db, svc.sealer, kind=notice.kind, recipient=notice.recipient, now=now,
+                                  customer_id=notice.customer_id, challenge_id=challenge_id, context=notice.context,
+                                  claim_for=svc.mailer.claim_now())
+    await outbox.note_throttled_mail(svc.db, window, queued.id)
+    return queued
+
+
+async def _unproven(svc: Services, client: Client, *, purpose: Purpose, address: str, nonce: str, now: datetime,
+                    customer: Customer | None, notice: Notice | None,
+                    claim: str | None) -> tuple[int, outbox.Queued | None, bool]:
+    """unproven_step() inside the caller's transaction: (step id, mail to dispatch, a code went)."""
+    window = mail_window(svc, address)
+    ledger = otp.ledger_key(svc.keys.address, purpose, address)
+    took = await outbox.take_throttle(svc.db, window, now=now, window=svc.policy.resend_cooldown)
+    earlier = None if took else await outbox.throttled_mail(svc.db, window)
+    coded = customer is not None and notice is None
+    if coded and took:
+        assert customer is not None
+        issued, queued = await issue_code(svc, customer, purpose=purpose, nonce=nonce, now=now, client=client,
+                                          claim=claim, ledger=ledger, shown=address)
+        await outbox.note_throttled_mail(svc.db, window, queued.id)
+        return issued.challenge_id, queued, True
+    # No code now: a placeholder (it gets one on a resend) for an account that may have one, a
+    # decoy otherwise; either shows the mail that went in this window, as a real step shows its own.
+    challenge_id = await otp.stand_in(
+        svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id if customer else None,
+        purpose=purpose, nonce=nonce, sent_to=shown_address(purpose, address),
+        kind=Kind.PLACEHOLDER if coded else Kind.DECOY, mail_id=earlier, claim=claim, ledger=ledger,
+    )
+    if not took or notice is None:
+        return challenge_id, None, False
+    return challenge_id, await _enqueue_notice(svc, notice, challenge_id=challenge_id, window=window, now=now), False
+
+
+async def unproven_step(svc: Services, client: Client, *, purpose: Purpose, address: str, nonce: str,
+                        customer: Customer | None, notice: Notice | None = None, claim: str | None = None) -> Step:
+    """The step for a form anyone can send, which proves no secret (registration, forgot
+    password): a code to the address's account when it may have one (`customer`, no `notice`),
+    a notice to its owner instead (`notice`), or no mail (no account). Whichever, the step looks
+    and behaves the same: at most one mail per address per cooldown (inside it, the step shows
+    the mail that went and sends none), failures counted on the address's ledger, nothing of the
+    customer's touched (their failure count, lockout, cooldown, other steps), and never another
+    session's step handed over."""
+    now = svc.clock.now()
+    challenge_id, queued, coded = await transact(svc.db, lambda: _unproven(
+        svc, client, purpose=purpose, address=address, nonce=nonce, now=now, customer=customer, notice=notice,
+        claim=claim))
+    if queued is not None:
+        svc.mailer.dispatch(queued)  # a notice goes the same way, and as soon, as a code
+    if coded and customer is not None:
+        await audit.record(svc.db, Event.CODE_SENT, customer_id=customer.id, ip=client.ip,
+                           user_agent=client.user_agent, now=now)
+    return Step(challenge_id, nonce, purpose)
+
+
+async def _taken_address(svc: Services, *, customer_id: int, address: str, nonce: str, notice: Notice | None,
+                         claim: str | None, now: datetime, keep: int = 0,
+                         again: otp.Challenge | None = None) -> tuple[int, outbox.Queued | None]:
+    """taken_address_step() inside the caller's transaction; with `again`, its resend."""
+    await otp.take_cooldown(svc.db, customer_id=customer_id, policy=svc.policy, now=now, keep=keep)
+    window = mail_window(svc, address)
+    took = await outbox.take_throttle(svc.db, window, now=now, window=svc.policy.resend_cooldown)
+    earlier = None if took else await outbox.throttled_mail(svc.db, window)
+    if again is not None:
+        challenge_id = again.id
+    else:
+        challenge_id = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer_id,
+                                          purpose=Purpose.EMAIL, nonce=nonce,
+                                          sent_to=shown_address(Purpose.EMAIL, address), kind=Kind.DECOY,
+                                          mail_id=earlier, claim=claim)
+    queued = None
+    if took and notice is not None:
+        queued = await _enqueue_notice(svc, notice, challenge_id=challenge_id, window=window, now=now)
+    if again is not None:
+        await otp.answer_again(svc.db, policy=svc.policy, now=now, challenge=again,
+                               mail_id=queued.id if queued else earlier)
+    return challenge_id, queued
+
+
+async def taken_address_step(svc: Services, customer: Customer, *, address: str, nonce: str, notice: Notice | None,
+                             claim: str) -> Step:
+    """A signed-in customer's new address belongs to another account: a step that looks and
+    behaves as the real one (the customer's cooldown taken and their other steps ended, failures
+    on their own count; inside the cooldown, a placeholder), and a notice to the address's owner
+    instead of a code (at most one a cooldown)."""
+    now = svc.clock.now()
+    try:
+        challenge_id, queued = await transact(svc.db, lambda: _taken_address(
+            svc, customer_id=customer.id, address=address, nonce=nonce, notice=notice, claim=claim, now=now))
+    except otp.Cooldown:
+        placeholder = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
+                                         purpose=Purpose.EMAIL, nonce=nonce,
+                                         sent_to=shown_address(Purpose.EMAIL, address), kind=Kind.PLACEHOLDER,
+                                         claim=claim)
+        return Step(placeholder, nonce, Purpose.EMAIL)
+    if queued is not None:
+        svc.mailer.dispatch(queued)
+    return Step(challenge_id, nonce, Purpose.EMAIL)
 
 
 # --- registration ------------------------------------------------------------------------
@@ -251,14 +333,13 @@ async def register_details(svc: Services, client: Client, details: dict[str, str
             return Step(joined, nonce, Purpose.REGISTRATION)
     if by_username is not None and (by_email is None or by_username.id != by_email.id or not _open_signup(by_email)):
         return USERNAME_TAKEN
-    if by_email is not None and _open_signup(by_email):
-        # A sign-up nobody confirmed: whoever holds the mailbox may take it over with the code,
-        # which is when these details replace the old ones. Until then nothing changes.
-        return await send_code(svc, by_email, purpose=Purpose.REGISTRATION, nonce=nonce, client=client, claim=claim)
     assert by_email is not None
-    challenge_id = await decoy(svc, purpose=Purpose.REGISTRATION, shown_to=email, nonce=nonce,
-                               notice=account_exists(by_email), customer_id=by_email.id, claim=claim)
-    return Step(challenge_id, nonce, Purpose.REGISTRATION)
+    # A sign-up nobody confirmed: whoever holds the mailbox may take it over with the code, which
+    # is when these details replace the old ones (until then nothing changes). A confirmed
+    # account: its owner is told instead, and the step looks the same.
+    return await unproven_step(svc, client, purpose=Purpose.REGISTRATION, address=email, nonce=nonce,
+                               customer=by_email, notice=None if _open_signup(by_email) else account_exists(by_email),
+                               claim=claim)
 
 
 def _open_signup(customer: Customer) -> bool:
@@ -269,73 +350,78 @@ async def _create(svc: Services, client: Client, details: dict[str, str], *, ema
                   claim: str) -> Step:
     now = svc.clock.now()
 
-    async def work() -> tuple[int, otp.Issued, outbox.Queued]:
+    async def work() -> tuple[int, int, outbox.Queued | None, bool]:
         customer_id = await queries.create_customer(svc.db, username=details["username"], email=email,
                                                     full_name=details["full_name"],
                                                     password_hash=details["password_hash"], now=now)
         customer = Customer(customer_id, details["username"], email, details["full_name"], details["password_hash"],
                             None, True, 0, queries.SIGNUP)
-        issued, queued = await issue_code(svc, customer, purpose=Purpose.REGISTRATION, nonce=nonce, now=now,
-                                          client=client, claim=claim)
-        return customer_id, issued, queued
+        challenge_id, queued, coded = await _unproven(svc, client, purpose=Purpose.REGISTRATION, address=email,
+                                                      nonce=nonce, now=now, customer=customer, notice=None,
+                                                      claim=claim)
+        return customer_id, challenge_id, queued, coded
 
-    customer_id, issued, queued = await transact(svc.db, work)
-    svc.mailer.dispatch(queued)
-    await audit.record(svc.db, Event.REGISTERED, Event.CODE_SENT, customer_id=customer_id, ip=client.ip,
-                       user_agent=client.user_agent, now=now)
-    return Step(issued.challenge_id, nonce, Purpose.REGISTRATION)
+    customer_id, challenge_id, queued, coded = await transact(svc.db, work)
+    if queued is not None:
+        svc.mailer.dispatch(queued)
+    events = [Event.REGISTERED, Event.CODE_SENT] if coded else [Event.REGISTERED]
+    await audit.record(svc.db, *events, customer_id=customer_id, ip=client.ip, user_agent=client.user_agent, now=now)
+    return Step(challenge_id, nonce, Purpose.REGISTRATION)
 
 
-class _TooSoon(Exception):
-    """A limit refused an address change (raised inside its transaction, to undo it)."""
+class _Unmoved(Exception):
+    """The sign-up could not move (confirmed, or its details replaced, meanwhile): rolled back."""
 
 
 async def change_registration_email(svc: Services, client: Client, step: Step, email: str) -> Step | Refused | None:
-    """The customer mistyped the address of a pending registration: the code goes to the new
-    one, and the one sent to the old address stops working. None: the step is gone.
+    """The customer mistyped the address of a pending registration: a step for the new address,
+    and the one sent to the old address stops working; at most one change per cooldown for the
+    session, whatever the step is. None: the step is gone.
 
-    An unconfirmed sign-up moves to the new address (never past the customer's cooldown, but
-    never more than one code per cooldown to an address either); a stand-in registers its
-    details again with the new address, so both answer alike."""
+    The sign-up this step made moves to the new address. Any other step (a stand-in, or a
+    registration that would take over someone's unconfirmed sign-up) registers its details again
+    with the new address: only the mailbox's holder ever moves or takes over a sign-up, and every
+    case answers alike."""
     challenge = await load(svc, step)
-    if challenge is None or challenge.used_at is not None or challenge.claim is None:
+    if (challenge is None or challenge.used_at is not None or challenge.invalidated_at is not None
+            or challenge.claim is None or challenge.purpose is not Purpose.REGISTRATION):
         return None
+    now = svc.clock.now()
+    limit = outbox.throttle_key(svc.keys.address, "address-change", step.nonce)
+    if not await transact(svc.db, lambda: outbox.take_throttle(svc.db, limit, now=now,
+                                                               window=svc.policy.resend_cooldown)):
+        return Refused("email", f"We sent a code less than {svc.policy.resend_cooldown} seconds ago. Please wait a "
+                                "moment, then try again.")
     details = svc.claims.open(challenge.claim)
     row = (await queries.get_customer(svc.db, challenge.customer_id)
            if challenge.customer_id is not None and challenge.kind is not Kind.DECOY else None)
-    if row is None or not _open_signup(row):
-        return await register_details(svc, client, details, email=email, nonce=step.nonce)
-    taken = await queries.find_customer(svc.db, login=email)
-    if taken is not None and taken.id != row.id:
-        challenge_id = await decoy(svc, purpose=Purpose.REGISTRATION, shown_to=email, nonce=step.nonce,
-                                   notice=account_exists(taken), customer_id=taken.id, claim=challenge.claim)
-        return Step(challenge_id, step.nonce, Purpose.REGISTRATION)
-    now = svc.clock.now()
-    # One change per cooldown for this sign-up, and one code per cooldown to the address.
-    keys = (outbox.throttle_key("address-change", str(row.id)), outbox.throttle_key("code", email))
-
-    async def work() -> tuple[otp.Issued, outbox.Queued]:
-        for key in keys:
-            if not await outbox.take_throttle(svc.db, key, now=now, window=svc.policy.resend_cooldown):
-                raise _TooSoon  # rolls back what was taken
-        await queries.move_signup(svc.db, row.id, email)
+    mine = (row is not None and _open_signup(row)
+            and hmac.compare_digest(row.password_hash.encode(), details["password_hash"].encode()))
+    taken = await queries.find_customer(svc.db, login=email) if mine else None
+    if row is not None and mine and (taken is None or taken.id == row.id):
         moved = Customer(row.id, row.username, email, row.full_name, row.password_hash, None, row.otp_enabled,
                          row.session_version, row.source)
-        return await issue_code(svc, moved, purpose=Purpose.REGISTRATION, nonce=step.nonce, now=now,
-                                client=client, claim=challenge.claim, cooldown=False)
 
-    try:
-        issued, queued = await transact(svc.db, work)
-    except INTEGRITY_ERRORS:  # the address was taken meanwhile
-        return Refused("email", "That address cannot be used. Please check it, or use another.")
-    except _TooSoon:
-        wait = svc.policy.resend_cooldown
-        return Refused("email", f"We sent a code less than {wait} seconds ago. Please wait a moment, then try "
-                                "again.")
-    svc.mailer.dispatch(queued)
-    await audit.record(svc.db, Event.CODE_SENT, customer_id=row.id, ip=client.ip, user_agent=client.user_agent,
-                       now=now)
-    return Step(issued.challenge_id, step.nonce, Purpose.REGISTRATION)
+        async def work() -> tuple[int, outbox.Queued | None, bool]:
+            if not await queries.move_signup(svc.db, row.id, email, password_hash=row.password_hash):
+                raise _Unmoved
+            await otp.end_step(svc.db, challenge.id, now)
+            return await _unproven(svc, client, purpose=Purpose.REGISTRATION, address=email, nonce=step.nonce,
+                                   now=now, customer=moved, notice=None, claim=challenge.claim)
+
+        try:
+            challenge_id, queued, coded = await transact(svc.db, work)
+        except (_Unmoved, *INTEGRITY_ERRORS):
+            pass  # confirmed, or the address taken, meanwhile: as any other step below
+        else:
+            if queued is not None:
+                svc.mailer.dispatch(queued)
+            if coded:
+                await audit.record(svc.db, Event.CODE_SENT, customer_id=row.id, ip=client.ip,
+                                   user_agent=client.user_agent, now=now)
+            return Step(challenge_id, step.nonce, Purpose.REGISTRATION)
+    await transact(svc.db, lambda: otp.end_step(svc.db, challenge.id, now))
+    return await register_details(svc, client, details, email=email, nonce=step.nonce)
 
 
 # --- sign-in -----------------------------------------------------------------------------
@@ -359,6 +445,9 @@ async def check_account_password(svc: Services, client: Client, customer: Custom
     (right, a new hash when the stored one should be upgraded)."""
     account = f"customer:{customer.id}" if customer else "login:" + sha256_hex(login.lower())
     if await svc.limiter.hit_account("login-account", account):
+        # Refused unread, but after the same work as a wrong password: the answer's timing tells
+        # neither that the limit was reached nor which names share an account.
+        await check_password(None, password)
         ok, rehash = False, False
     else:
         ok, rehash = await check_password(customer.password_hash if customer else None, password)
@@ -430,22 +519,25 @@ async def submit_code(svc: Services, client: Client, step: Step, code: str | Non
     unused. `signed_in_as`: the customer of the session this step runs in (a change of address
     or a deletion only completes for the same customer)."""
     db, now = svc.db, svc.clock.now()
+    counted = False
     if code is not None and step.owner is not None and step.purpose is Purpose.LOGIN:
         customer_id, version = step.owner
 
-        async def fast() -> SignedIn | None:
-            if not await otp.use_code(db, keys=svc.keys, policy=svc.policy, now=now, challenge_id=step.challenge_id,
-                                      nonce=step.nonce, customer_id=customer_id, purpose=step.purpose, code=code):
-                return None
+        async def fast() -> SignedIn | otp.FastCheck:
+            check = await otp.use_code(db, keys=svc.keys, policy=svc.policy, now=now, challenge_id=step.challenge_id,
+                                       nonce=step.nonce, customer_id=customer_id, purpose=step.purpose, code=code)
+            if check is not otp.FastCheck.USED:
+                return check
             await otp.succeeded(db, customer_id, now)
             signed = await start_session(svc, customer_id, version, client, now)
             await audit.record(db, Event.VERIFIED, Event.SIGNED_IN, customer_id=customer_id, ip=client.ip,
                                user_agent=client.user_agent, now=now)
             return signed
 
-        signed = await transact(db, fast)
-        if signed is not None:
-            return CodeResult(signed_in=signed)
+        checked = await transact(db, fast)
+        if isinstance(checked, SignedIn):
+            return CodeResult(signed_in=checked)
+        counted = checked is otp.FastCheck.COUNTED  # the full check below does not count it again
     # Anything but a right code on the sign-in path: the whole challenge decides. A step that
     # was ended (another sign-in began, "sign out everywhere", "Not you?") is gone.
     challenge = await load(svc, step)
@@ -457,21 +549,23 @@ async def submit_code(svc: Services, client: Client, step: Step, code: str | Non
         return CodeResult(challenge=challenge, problem=problem)
 
     async def full() -> CodeResult:
-        verdict = await otp.verify(db, keys=svc.keys, policy=svc.policy, now=now, challenge=challenge, code=code)
+        verdict = await otp.verify(db, keys=svc.keys, policy=svc.policy, now=now, challenge=challenge, code=code,
+                                   counted=counted)
         if verdict.status is not Outcome.VERIFIED or verdict.customer_id is None:
             return CodeResult(challenge=challenge, verdict=verdict)
         return await _finish(svc, client, challenge, verdict.customer_id, now)
 
     try:
         result = await transact(db, full)
-    except INTEGRITY_ERRORS:
+    except (_ClaimLost, *INTEGRITY_ERRORS):
         # The customer was deleted, or a claimed username or address taken, meanwhile: nothing
         # happened (the code is unused); say what to do.
         return CodeResult(challenge=challenge, problem="That could not be completed: the username or address was "
                                                        "taken a moment ago. Please start again.")
     verdict = result.verdict
-    if verdict is not None and challenge.kind is not Kind.DECOY and challenge.customer_id is not None and \
-            verdict.status in (Outcome.WRONG, Outcome.LOCKED):
+    # Only an entry that was counted and compared is a failure (not one refused unread).
+    if verdict is not None and verdict.checked and challenge.kind is not Kind.DECOY and \
+            challenge.customer_id is not None:
         events = [Event.CODE_FAILED]
         if verdict.status is Outcome.LOCKED and verdict.customer_id is not None:
             events.append(Event.LOCKED)
@@ -480,6 +574,10 @@ async def submit_code(svc: Services, client: Client, step: Step, code: str | Non
     if result.challenge is not None and verdict is not None:
         return CodeResult(challenge=await load(svc, step) or challenge, verdict=verdict)
     return result
+
+
+class _ClaimLost(Exception):
+    """The sign-up a registration code would take over was confirmed meanwhile: rolled back."""
 
 
 async def _finish(svc: Services, client: Client, challenge: otp.Challenge, customer_id: int,
@@ -501,7 +599,7 @@ async def _finish(svc: Services, client: Client, challenge: otp.Challenge, custo
         assert customer is not None and challenge.claim is not None
         new = svc.claims.open(challenge.claim)["email"]
         await queries.set_email(db, customer_id, new, now)
-        await otp.succeeded(db, customer_id, now)
+        await otp.proved(db, challenge, now)
         await outbox.enqueue(db, svc.sealer, kind=MailKind.EMAIL_CHANGED, recipient=customer.email, now=now,
                              customer_id=customer_id,
                              context=notice_context(customer, client, now, new_address=forms.mask_email(new)))
@@ -509,15 +607,18 @@ async def _finish(svc: Services, client: Client, challenge: otp.Challenge, custo
         await audit.record(db, Event.VERIFIED, Event.EMAIL_CHANGED, **record)  # type: ignore[arg-type]
         return CodeResult(email_changed=new)
     if purpose is Purpose.RESET:
-        # The mailbox is proven; the password is chosen next (recovery.set_new_password).
-        await otp.succeeded(db, customer_id, now)
+        # The mailbox is proven; the password is chosen next (recovery.set_new_password). The
+        # customer's failure count and lockout stay as they were: a reset lifts neither.
+        await otp.proved(db, challenge, now)
         await audit.record(db, Event.VERIFIED, **record)  # type: ignore[arg-type]
         return CodeResult(reset_ready=True)
     if challenge.claim is not None:
         details = svc.claims.open(challenge.claim)
-        await queries.apply_claim(db, customer_id, username=details["username"], full_name=details["full_name"],
-                                  password_hash=details["password_hash"])
-    await otp.succeeded(db, customer_id, now)
+        # Only onto a sign-up still unconfirmed: a confirmed account is never signed into this way.
+        if not await queries.apply_claim(db, customer_id, username=details["username"],
+                                         full_name=details["full_name"], password_hash=details["password_hash"]):
+            raise _ClaimLost
+    await otp.proved(db, challenge, now)
     signed = await start_session(svc, customer_id, challenge.session_version, client, now)
     await audit.record(db, Event.VERIFIED, Event.SIGNED_IN, **record)  # type: ignore[arg-type]
     return CodeResult(signed_in=signed)
@@ -536,28 +637,26 @@ async def resend(svc: Services, client: Client, step: Step, *, signed_in_as: int
     sent before for it goes on working until its own expiry (a late mail never strands anyone),
     under the step's one attempt budget."""
     challenge = await load(svc, step)
-    if challenge is None or challenge.used_at is not None:
+    if challenge is None or challenge.used_at is not None or challenge.invalidated_at is not None:
         return ResendResult()
     if step.purpose in (Purpose.EMAIL, Purpose.DELETE) and challenge.customer_id != signed_in_as:
         return ResendResult()
     now = svc.clock.now()
     if challenge.locked_until and challenge.locked_until > now:
         return ResendResult(challenge, locked=True)
-    if challenge.kind is Kind.DECOY:
-        wait = challenge.resend_wait(svc.policy, now)
-        if wait:
-            return ResendResult(challenge, wait=wait)
-        if challenge.attempts >= svc.policy.max_attempts:
-            # Spent, as a real step would be: a new stand-in, with the same ledger, as a real
-            # resend starts a new step.
-            owner = (await queries.get_customer(svc.db, challenge.customer_id)
-                     if challenge.customer_id and step.purpose is Purpose.REGISTRATION else None)
-            new_id = await decoy(svc, purpose=step.purpose, shown_to=challenge.sent_to, nonce=step.nonce,
-                                 notice=account_exists(owner) if owner else None, customer_id=challenge.customer_id,
-                                 carry=challenge, claim=challenge.claim)
-            return ResendResult(challenge, new_challenge_id=new_id)
-        await _answer_again(svc, challenge, step)
-        return ResendResult(challenge, new_challenge_id=challenge.id)
+    try:
+        if not challenge.proven:
+            return await _resend_unproven(svc, client, step, challenge, now)
+        if challenge.kind is Kind.DECOY:
+            return await _resend_taken_address(svc, client, step, challenge, now)
+        return await _resend_code(svc, client, step, challenge, now)
+    except otp.StepEnded:  # used or ended meanwhile: nothing went out
+        return ResendResult()
+
+
+async def _resend_code(svc: Services, client: Client, step: Step, challenge: otp.Challenge,
+                       now: datetime) -> ResendResult:
+    """A proven step's resend, after the customer's cooldown."""
     assert challenge.customer_id is not None
     customer = await queries.get_customer(svc.db, challenge.customer_id)
     if customer is None:
@@ -580,34 +679,73 @@ async def resend(svc: Services, client: Client, step: Step, *, signed_in_as: int
     return ResendResult(challenge, new_challenge_id=issued.challenge_id)
 
 
-async def _answer_again(svc: Services, challenge: otp.Challenge, step: Step) -> None:
-    """A stand-in's resend, answered as a real one would be: a registration's stand-in tells the
-    address's owner again (at most once per cooldown), and the step shows that notice; others
-    go on showing the mail they showed."""
-    now = svc.clock.now()
-    owner = (await queries.get_customer(svc.db, challenge.customer_id)
-             if challenge.customer_id and step.purpose is Purpose.REGISTRATION else None)
-    mail_id = await outbox.shown_by(svc.db, challenge.id)
-    queued = None
-    if owner is not None:
-        notice = account_exists(owner)
-        key = outbox.throttle_key("notice", notice.recipient)
+async def _resend_unproven(svc: Services, client: Client, step: Step, challenge: otp.Challenge,
+                           now: datetime) -> ResendResult:
+    """A resend of a step nobody proved a secret for, answered alike whatever stands behind it:
+    after the step's own timer, a new code when the address's account may have one (a new step
+    when this one's tries are spent), the notice again for a registration of a confirmed address,
+    no mail for no account; inside the address's mail window no mail at all, the step showing
+    the one that went."""
+    wait = challenge.resend_wait(svc.policy, now)
+    if wait:
+        return ResendResult(challenge, wait=wait)
+    customer = await queries.get_customer(svc.db, challenge.customer_id) if challenge.customer_id else None
+    notice = None
+    if customer is not None and challenge.purpose is Purpose.REGISTRATION and not _open_signup(customer):
+        notice = account_exists(customer)
+    coded = customer is not None and notice is None and challenge.kind is not Kind.DECOY
+    address = challenge.sent_to  # whole: registration and reset steps show the address as typed
+    window = mail_window(svc, address)
 
-        async def work() -> outbox.Queued | None:
-            if not await outbox.take_throttle(svc.db, key, now=now, window=svc.policy.resend_cooldown):
-                return None
-            found = await outbox.enqueue(svc.db, svc.sealer, kind=notice.kind, recipient=notice.recipient, now=now,
-                                         customer_id=notice.customer_id, challenge_id=challenge.id,
-                                         context=notice.context, claim_for=svc.mailer.claim_now())
-            await outbox.note_throttled_mail(svc.db, key, found.id)
-            return found
+    async def work() -> tuple[int, outbox.Queued | None, bool]:
+        if challenge.attempts >= svc.policy.max_attempts:  # spent: a new step, as for a real one
+            return await _unproven(svc, client, purpose=challenge.purpose, address=address, nonce=step.nonce,
+                                   now=now, customer=customer, notice=notice, claim=challenge.claim)
+        took = await outbox.take_throttle(svc.db, window, now=now, window=svc.policy.resend_cooldown)
+        if took and coded:
+            assert customer is not None
+            issued, queued = await issue_code(svc, customer, purpose=challenge.purpose, nonce=step.nonce, now=now,
+                                              client=client, claim=challenge.claim, challenge=challenge,
+                                              ledger=challenge.ledger_key, shown=address)
+            await outbox.note_throttled_mail(svc.db, window, queued.id)
+            return issued.challenge_id, queued, True
+        notified = None
+        if took and notice is not None:
+            notified = await _enqueue_notice(svc, notice, challenge_id=challenge.id, window=window, now=now)
+        shown = notified.id if notified else None if took else await outbox.throttled_mail(svc.db, window)
+        await otp.answer_again(svc.db, policy=svc.policy, now=now, challenge=challenge, mail_id=shown)
+        return challenge.id, notified, False
 
-        queued = await transact(svc.db, work)
-        if queued is not None:
-            mail_id = queued.id
-    await otp.answer_again(svc.db, policy=svc.policy, now=now, challenge=challenge, mail_id=mail_id)
+    challenge_id, queued, coded_now = await transact(svc.db, work)
     if queued is not None:
         svc.mailer.dispatch(queued)
+    if coded_now and customer is not None:
+        await audit.record(svc.db, Event.CODE_SENT, customer_id=customer.id, ip=client.ip,
+                           user_agent=client.user_agent, now=now)
+    return ResendResult(challenge, new_challenge_id=challenge_id)
+
+
+async def _resend_taken_address(svc: Services, client: Client, step: Step, challenge: otp.Challenge,
+                                now: datetime) -> ResendResult:
+    """The resend of a signed-in customer's step for an address that belongs to another
+    account, as a real one: the customer's cooldown, a new step when the tries are spent, and
+    the notice again to the address's owner (at most one a cooldown)."""
+    assert challenge.customer_id is not None and challenge.claim is not None
+    address = svc.claims.open(challenge.claim)["email"]
+    owner = await queries.find_customer(svc.db, login=address)
+    notice = address_in_use(owner) if owner is not None and owner.id != challenge.customer_id else None
+    spent = challenge.attempts >= svc.policy.max_attempts
+    try:
+        challenge_id, queued = await transact(svc.db, lambda: _taken_address(
+            svc, customer_id=challenge.customer_id or 0, address=address, nonce=step.nonce, notice=notice,
+            claim=challenge.claim, now=now, keep=0 if spent else challenge.id, again=None if spent else challenge))
+    except otp.Cooldown as exc:
+        await audit.record(svc.db, Event.RESEND_REFUSED, customer_id=challenge.customer_id, ip=client.ip,
+                           user_agent=client.user_agent, now=now)
+        return ResendResult(challenge, wait=exc.retry_after)
+    if queued is not None:
+        svc.mailer.dispatch(queued)
+    return ResendResult(challenge, new_challenge_id=challenge_id)
 
 
 # --- the mail's links --------------------------------------------------------------------

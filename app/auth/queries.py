@@ -28,6 +28,7 @@ class Customer:
     session_version: int
     source: str = SHOP
     signin_paused_until: datetime | None = None
+    otp_locked_until: datetime | None = None
 
 
 _COLS = (
@@ -41,6 +42,7 @@ _COLS = (
     customers.c.session_version,
     customers.c.source,
     customers.c.signin_paused_until,
+    customers.c.otp_locked_until,
 )
 
 
@@ -58,6 +60,7 @@ def _customer(rec: Any) -> Customer | None:
         session_version=rec.session_version,
         source=rec.source,
         signin_paused_until=rec.signin_paused_until,
+        otp_locked_until=getattr(rec, "otp_locked_until", None),
     )
 
 
@@ -288,15 +291,16 @@ async def set_email(db: Database, customer_id: int, email: str, now: datetime) -
 _MOVE_SIGNUP = sql.Query(
     customers.update()
     .where(customers.c.id == sa.bindparam("cid"), customers.c.source == SIGNUP,
-           customers.c.email_verified_at.is_(None))
+           customers.c.email_verified_at.is_(None), customers.c.password_hash == sa.bindparam("ph"))
     .values(email=sa.bindparam("new_email"))
 )
 
 
-async def move_signup(db: Database, customer_id: int, email: str) -> bool:
-    """An unconfirmed sign-up takes another address (the customer mistyped it); never a
-    confirmed account or a shop customer."""
-    return bool(await sql.execute(db, _MOVE_SIGNUP, cid=customer_id, new_email=email))
+async def move_signup(db: Database, customer_id: int, email: str, *, password_hash: str) -> bool:
+    """An unconfirmed sign-up takes another address (the customer who made it mistyped it):
+    only while unconfirmed and still holding the details it was made with; never a confirmed
+    account or a shop customer. False: nothing moved."""
+    return bool(await sql.execute(db, _MOVE_SIGNUP, cid=customer_id, new_email=email, ph=password_hash))
 
 
 _DELETE_ACCOUNT = (

@@ -4,11 +4,13 @@ then a new password. No HTTP here."""
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
+from datetime import datetime
 
 from app import audit, otp
 from app.audit import Event
 from app.auth import queries
-from app.auth.flows import SignedIn, Step, decoy, load, notice_context, send_code, start_session
+from app.auth.flows import SignedIn, Step, code_needed, load, notice_context, start_session, unproven_step
 from app.auth.queries import Customer
 from app.database import transact
 from app.mail import outbox
@@ -19,18 +21,15 @@ from app.services import Client, Services
 
 
 async def request_reset(svc: Services, client: Client, *, email: str) -> Step:
-    """A reset code to the address when it has an account; otherwise a step that looks the same
-    and mails nothing. The cooldown, the attempt cap and the lockout are those of every code: a
-    locked customer stays locked."""
-    nonce = secrets.token_urlsafe(24)
+    """A reset code to the address when it has an account; otherwise a step that looks and
+    behaves the same and mails nothing. Anyone can ask, so the step proves nothing: its failures
+    count on the address's own ledger, and it never touches the customer's failure count,
+    lockout, cooldown or pending sign-in (flows.unproven_step)."""
     customer = await queries.find_customer(svc.db, login=email)
-    if customer is None:
-        return Step(await decoy(svc, purpose=Purpose.RESET, shown_to=email, nonce=nonce, notice=None), nonce,
-                    Purpose.RESET)
-    await audit.record(svc.db, Event.RESET_REQUESTED, customer_id=customer.id, ip=client.ip,
+    await audit.record(svc.db, Event.RESET_REQUESTED, customer_id=customer.id if customer else None, ip=client.ip,
                        user_agent=client.user_agent, now=svc.clock.now())
-    # The step shows the address as typed, whatever case the account's has.
-    return await send_code(svc, customer, purpose=Purpose.RESET, nonce=nonce, client=client)
+    return await unproven_step(svc, client, purpose=Purpose.RESET, address=email, nonce=secrets.token_urlsafe(24),
+                               customer=customer)
 
 
 async def reset_customer(svc: Services, step: Step) -> Customer | None:
@@ -46,16 +45,26 @@ async def reset_customer(svc: Services, step: Step) -> Customer | None:
     return await queries.get_customer(svc.db, challenge.customer_id)
 
 
-async def set_new_password(svc: Services, client: Client, step: Step, *, password: str) -> SignedIn | None:
+@dataclass(frozen=True)
+class StillLocked:
+    """The password changed, but the customer's codes are paused after too many wrong ones: a
+    reset lifts no lockout, so no session starts until it ends."""
+
+    until: datetime
+
+
+async def set_new_password(svc: Services, client: Client, step: Step, *,
+                           password: str) -> SignedIn | StillLocked | None:
     """The new password, once: Argon2id stored, every session ended, a fresh one for this
-    browser, a notice to the address. None: the step is gone (used, or too old)."""
+    browser (unless the customer's codes are locked out), a notice to the address. None: the
+    step is gone (used, or too old)."""
     customer = await reset_customer(svc, step)
     if customer is None:
         return None
     new_hash = await hash_password(password)
     now = svc.clock.now()
 
-    async def work() -> SignedIn | None:
+    async def work() -> SignedIn | StillLocked | None:
         if not await otp.consume(svc.db, challenge_id=step.challenge_id, now=now,
                                  within=svc.policy.ttl(Purpose.RESET)):
             return None  # used already (another tab), or too old
@@ -63,13 +72,21 @@ async def set_new_password(svc: Services, client: Client, step: Step, *, passwor
         await queries.revoke_all_now(svc.db, customer.id, now)
         version = await queries.session_version(svc.db, customer.id)
         assert version is not None
-        signed = await start_session(svc, customer.id, version, client, now)
+        locked = customer.otp_locked_until
+        signed: SignedIn | StillLocked
+        if locked is not None and locked > now and code_needed(customer) is not None:
+            signed = StillLocked(locked)
+        else:
+            signed = await start_session(svc, customer.id, version, client, now)
         await outbox.enqueue(svc.db, svc.sealer, kind=MailKind.PASSWORD_CHANGED, recipient=customer.email, now=now,
                              customer_id=customer.id,
                              context=notice_context(customer, client, now, reset=True,
                                                     origin=svc.settings.public_origin or ""))
-        await audit.record(svc.db, Event.PASSWORD_RESET, Event.SESSION_REVOKED, Event.SIGNED_IN,
-                           customer_id=customer.id, ip=client.ip, user_agent=client.user_agent, now=now)
+        events = [Event.PASSWORD_RESET, Event.SESSION_REVOKED]
+        if isinstance(signed, SignedIn):
+            events.append(Event.SIGNED_IN)
+        await audit.record(svc.db, *events, customer_id=customer.id, ip=client.ip, user_agent=client.user_agent,
+                           now=now)
         return signed
 
     signed = await transact(svc.db, work)

@@ -177,6 +177,9 @@ async def new_password_submit(request: Request) -> Response:
     signed = await recovery.set_new_password(svc, client_of(request), step, password=str(data["new_password"]))
     if signed is None:
         return _gone(request, "/password/forgot")
+    if isinstance(signed, recovery.StillLocked):
+        sessions.drop_pending(request)
+        return render(request, "auth/password_set.html", {"locked_until": signed.until})
     sessions.signed_in(request, signed)
     cookie_of(request).notice = "password-reset"
     return redirect(request, "/dashboard")
@@ -190,9 +193,15 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
     now = svc.clock.now()
     wait = challenge.resend_wait(svc.policy, now)
     locked = challenge.locked_until if challenge.locked_until and challenge.locked_until > now else None
-    state = challenge.delivery if challenge.kind is not Kind.PLACEHOLDER else None
-    if challenge.kind is Kind.DECOY and state is None:
+    # A proven step waiting out the customer's cooldown says so (a placeholder); an unproven one
+    # never does: it looks like every other step for an address, whatever stands behind it.
+    placeholder = challenge.kind is Kind.PLACEHOLDER and challenge.proven
+    state = challenge.delivery if not placeholder else None
+    if state is None and (challenge.kind is Kind.DECOY or not challenge.proven):
         state = MailStatus.SENT.value  # no mail to show: shaped like a sent one
+    if challenge.purpose is Purpose.RESET:
+        # Only an account gets a reset mail: its delivery would tell which addresses have one.
+        state = None
     age = (now - challenge.sent_at).total_seconds()
     if age < SHOWN_PENDING_FOR and state in (MailStatus.QUEUED, MailStatus.SENDING, MailStatus.SENT):
         state = MailStatus.SENDING.value
@@ -204,7 +213,7 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
         "start_again": START_AGAIN[challenge.purpose],
         "resend_wait": 0 if locked else wait,
         "asked_at": challenge.sent_at,
-        "tag": challenge.tag if challenge.kind is not Kind.PLACEHOLDER else "",
+        "tag": challenge.tag if not placeholder else "",
         "step_words": flows.STEP_WORDS[challenge.purpose],
         "expires_at": challenge.expires_at,
         "expired": challenge.expires_at <= now,
@@ -212,7 +221,7 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
         "delivery": state,
         # Still not out after this long: say so, and what to do (the mail server may be down).
         "delayed": state in (MailStatus.QUEUED, MailStatus.SENDING) and age >= MAIL_DELAYED_AFTER,
-        "placeholder": challenge.kind is Kind.PLACEHOLDER,
+        "placeholder": placeholder,
         "error": None,
         "notice": None,
         "announce": False,
@@ -228,7 +237,8 @@ async def code_step_after_post(request: Request, step: Step) -> Response:
             cookie_of(request).notice = "reused"  # said once by the next GET /verify
         return redirect(request, "/verify")
     challenge = await flows.load(services(request), step)
-    assert challenge is not None
+    if challenge is None:  # ended at once (another request of this customer's): start again
+        return _gone(request)
     ctx = _step_context(request, challenge, announce=True, notice=NOTICES["reused"] if step.reused else None)
     # The step replaces the whole of <main>, whichever part of a page the form swapped.
     return render(request, "auth/verify.html", ctx, headers={"HX-Push-Url": "/verify", "HX-Retarget": "#main",
@@ -316,7 +326,10 @@ def _after_code(request: Request, result: flows.CodeResult) -> Response:
         left = verdict.attempts_left
         error = f"That code is not right. {left} {'attempt' if left == 1 else 'attempts'} left."
     elif verdict.status is Outcome.LOCKED:
-        error = "Too many wrong codes."
+        paused = result.challenge.paused_until
+        error = ("Sign-in codes are paused: someone pressed “Not you?” in one of our code mails."
+                 if not verdict.checked and paused is not None and paused == verdict.locked_until
+                 else "Too many wrong codes.")
     else:
         error = MESSAGES[verdict.status]
     ctx = _step_context(request, result.challenge, error=error)
@@ -346,7 +359,8 @@ async def resend(request: Request) -> Response:
         cookie_of(request).notice = "resent"  # said once by the next GET /verify
         return redirect(request, "/verify")
     fresh = await flows.load(svc, Step(result.new_challenge_id, step.nonce, step.purpose, step.owner))
-    assert fresh is not None
+    if fresh is None:
+        return _gone(request)
     return render(request, "auth/verify.html", _step_context(request, fresh, notice=NOTICES["resent"], announce=True))
 
 

@@ -3,7 +3,6 @@ dispatcher on any worker, sent once. Payloads are sealed (AES-GCM) so no row sho
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,7 +14,7 @@ from databases import Database
 
 from app import sql
 from app.database import INTEGRITY_ERRORS
-from app.security.crypto import Sealer, Unreadable
+from app.security.crypto import Sealer, Unreadable, keyed_hash
 from app.tables import mail_outbox, mail_throttle, otp_verification
 
 log = logging.getLogger("app.mail")
@@ -172,6 +171,11 @@ def _mark(sent: bool, wipe: bool, retry: bool) -> sql.Query:
             values["sent_at"] = sa.bindparam("now")
         if wipe:
             values["payload"] = None
+            # A mail for no customer (the notice that an account was deleted) keeps only the
+            # address's domain once it is final: nothing of the person stays.
+            values["recipient"] = sa.case(
+                (o.c.customer_id.is_(None), sa.func.substr(o.c.recipient, sa.func.instr(o.c.recipient, "@"))),
+                else_=o.c.recipient)
         if retry:
             values["next_attempt_at"] = sa.bindparam("retry_at")
         _MARKS[key] = sql.Query(o.update().where(o.c.id == sa.bindparam("mid")).values(**values))
@@ -213,8 +217,9 @@ _THROTTLE_MAIL = sql.Query(sa.select(_t.c.mail_id).where(_t.c.key == sa.bindpara
 _THROTTLE_SET_MAIL = sql.Query(_t.update().where(_t.c.key == sa.bindparam("k")).values(mail_id=sa.bindparam("mid")))
 
 
-def throttle_key(kind: str, recipient: str) -> str:
-    return hashlib.sha256(f"{kind}\x1f{recipient.lower()}".encode()).hexdigest()
+def throttle_key(key: bytes, kind: str, value: str) -> str:
+    """A window's key: a keyed hash, so the table holds no address anyone could recover."""
+    return keyed_hash(key, "mail-window", kind, value.strip().lower())
 
 
 async def take_throttle(db: Database, key: str, *, now: datetime, window: int) -> bool:

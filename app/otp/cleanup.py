@@ -13,13 +13,16 @@ from databases import Database
 from app import sql
 from app.mail import outbox
 from app.otp.engine import Kind
-from app.tables import otp_codes, otp_stats, otp_verification
+from app.tables import mail_throttle, otp_codes, otp_ledgers, otp_stats, otp_verification
 
 if TYPE_CHECKING:
     from app.services import Services
 
 log = logging.getLogger("app.otp")
 GRACE = timedelta(hours=1)  # keep finished codes a while, so support can see what happened
+# An address's ledger and mail windows idle this long are forgotten (the longest lockout is an
+# hour): the tables hold what is in use, not every address ever typed into a form.
+IDLE_KEPT = timedelta(days=1)
 
 
 BATCH = 2000
@@ -38,7 +41,18 @@ async def cleanup(db: Database, *, now: datetime, sent_kept: bool = False) -> in
         if n < BATCH:
             break
     await outbox.purge_payloads(db, now=now, sent_kept=sent_kept)
+    await sql.execute(db, _FORGET_LEDGERS, idle=now - IDLE_KEPT, now=now)
+    await sql.execute(db, _FORGET_WINDOWS, idle=now - IDLE_KEPT)
     return deleted
+
+
+_FORGET_LEDGERS = sql.Query(
+    otp_ledgers.delete().where(
+        otp_ledgers.c.updated_at < sa.bindparam("idle"),
+        sa.or_(otp_ledgers.c.locked_until.is_(None), otp_ledgers.c.locked_until < sa.bindparam("now")),
+    )
+)
+_FORGET_WINDOWS = sql.Query(mail_throttle.delete().where(mail_throttle.c.last_at < sa.bindparam("idle")))
 
 
 o = otp_verification

@@ -4,20 +4,22 @@ database and changed only by guarded UPDATEs, so several workers agree without l
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from databases import Database
 
 from app import sql
+from app.database import INTEGRITY_ERRORS
 from app.security.crypto import keyed_hash, letters_token, seal_for_token, sha256_hex
-from app.tables import customers, mail_outbox, otp_codes, otp_verification
+from app.tables import customers, mail_outbox, otp_codes, otp_ledgers, otp_verification
 
 CODE_DIGITS = 6
 
@@ -70,6 +72,7 @@ class OtpPolicy:
 class Keys:
     code: bytes
     binding: bytes
+    address: bytes  # keyed hashes of addresses: the ledgers of unproven steps, mail windows
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,10 @@ class Issued:
     tag: str  # the step's tag, shown beside the code field and in the mail
     link_token: str  # the mail's link (kept only hashed)
     stop_token: str  # the mail's "Not you?" link (kept only hashed)
+
+
+class StepEnded(Exception):
+    """The step was used or ended meanwhile: no code goes out for it."""
 
 
 class Cooldown(Exception):
@@ -104,14 +111,17 @@ class Challenge:
     invalidated_at: datetime | None
     locked_until: datetime | None
     last_sent_at: datetime | None
-    code_hash: str = ""
-    failures: int = 0  # a decoy's own ledger
-    lockouts: int = 0
     session_version: int = 0  # the customer's, for the session a right code starts
     delivery: str | None = None  # the state of the mail it shows (app.mail.outbox.MailStatus), if any
     claim: str | None = None  # sealed details of a registration that takes over an unconfirmed sign-up
     last_code_at: datetime | None = None  # when its newest code (or, for a stand-in, its last answer) went
     tag: str = ""
+    # Started with the password or in a signed-in session. False (a registration form, forgot
+    # password): failures count on the address's ledger (`ledger_key`), and the step never
+    # touches the customer's failure count, cooldown or other steps.
+    proven: bool = True
+    ledger_key: str | None = None
+    paused_until: datetime | None = None  # "Not you?" paused sign-in codes (part of locked_until)
 
     @property
     def sent_at(self) -> datetime:
@@ -124,22 +134,11 @@ class Challenge:
         return self.kind is Kind.CODE
 
     def resend_wait(self, policy: OtpPolicy, now: datetime) -> int:
-        """Seconds until a new code may be asked for, as the code step shows it. A decoy
-        counts from its own creation; everything else from the customer's last code."""
-        if self.kind is Kind.DECOY or self.last_sent_at is None:
+        """Seconds until a new code may be asked for, as the code step shows it. A decoy or an
+        unproven step counts from its own last answer; a proven one from the customer's last code."""
+        if self.kind is Kind.DECOY or not self.proven or self.last_sent_at is None:
             return _left(self.sent_at, policy.resend_cooldown, now)
         return _left(self.last_sent_at, policy.resend_cooldown, now)
-
-
-class Ledger(Protocol):
-    """A stand-in's own failure count, carried from one to the next for the same address."""
-
-    @property
-    def failures(self) -> int: ...
-    @property
-    def lockouts(self) -> int: ...
-    @property
-    def locked_until(self) -> datetime | None: ...
 
 
 @dataclass(frozen=True)
@@ -148,9 +147,9 @@ class Verdict:
 
     status: Outcome
     customer_id: int | None = None
-    purpose: Purpose | None = None
     attempts_left: int = 0
     locked_until: datetime | None = None
+    checked: bool = False  # the entry was counted and compared (a failure to log), not refused unread
 
 
 def generate_code() -> str:
@@ -168,6 +167,11 @@ def code_hash(key: bytes, challenge_id: int, code: str) -> str:
 
 def binding_hash(key: bytes, nonce: str) -> str:
     return keyed_hash(key, "pending-session", nonce)
+
+
+def ledger_key(key: bytes, purpose: Purpose, address: str) -> str:
+    """Whose failures an unproven step counts on: the purpose and the address, however typed."""
+    return keyed_hash(key, "ledger", purpose.value, address.strip().lower())
 
 
 # Letters and digits no one confuses (no 0/O, 1/I/L, 2/Z, 5/S, 6/G, 8/B).
@@ -243,17 +247,17 @@ _TAKE_COOLDOWN_ENDING_OPEN = _ending_open_codes(
 _INSERT = sql.Query(
     o.insert(),
     columns=("id", "customer_id", "purpose", "code_hash", "session_binding", "kind", "sent_to", "attempts",
-             "created_at", "expires_at", "failures", "lockouts", "locked_until", "claim", "mail_id", "last_code_at",
-             "tag"),
+             "created_at", "expires_at", "claim", "mail_id", "last_code_at", "tag", "proven", "ledger_key"),
 )
 k = otp_codes
 _INSERT_CODE = sql.Query(
     k.insert(), columns=("challenge_id", "code_hash", "created_at", "expires_at", "link_hash", "link_sealed",
                          "stop_hash"),
 )
-# A resend: the step's newest code is this one now (a placeholder becomes a real step).
+# A resend: the step's newest code is this one now (a placeholder becomes a real step). Only
+# while the step is open: a used or ended step gets no more codes.
 _NEXT_CODE = sql.Query(
-    o.update().where(o.c.id == sa.bindparam("cid"))
+    o.update().where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
     .values(expires_at=sa.bindparam("expires"), last_code_at=sa.bindparam("now"), kind=Kind.CODE.value,
             claim=sa.bindparam("new_claim"))
 )
@@ -277,6 +281,29 @@ async def cooldown_left(db: Database, *, customer_id: int, policy: OtpPolicy, no
     return _left(sent, policy.resend_cooldown, now)
 
 
+async def take_cooldown(db: Database, *, customer_id: int, policy: OtpPolicy, now: datetime, keep: int = 0,
+                        force: bool = False) -> None:
+    """Start the customer's cooldown and end their other open steps (but `keep`), as a code for
+    a proven step does; Cooldown if one went less than the cooldown ago. `force`: taken whatever
+    it holds (the caller limits mail some other way)."""
+    threshold = now - timedelta(seconds=policy.resend_cooldown) if not force else now + timedelta(days=1)
+    if not await _ending_open_codes_if(db, _TAKE_COOLDOWN, _TAKE_COOLDOWN_ENDING_OPEN, cid=customer_id,
+                                       threshold=threshold, now=now, keep=keep):
+        raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
+
+
+_lg = otp_ledgers
+_LEDGER_FOUND = sql.Query(sa.select(_lg.c.key).where(_lg.c.key == sa.bindparam("k")))
+_LEDGER_NEW = sql.Query(_lg.insert(), columns=("key", "failures", "lockouts", "locked_until", "updated_at"))
+
+
+async def _ensure_ledger(db: Database, key: str, now: datetime) -> None:
+    """The address's ledger row, made the first time (concurrent first requests: one insert wins)."""
+    if await sql.fetch_val(db, _LEDGER_FOUND, k=key) is None:
+        with contextlib.suppress(*INTEGRITY_ERRORS):
+            await sql.execute(db, _LEDGER_NEW, key=key, failures=0, lockouts=0, locked_until=None, updated_at=now)
+
+
 async def issue(
     db: Database,
     *,
@@ -288,25 +315,27 @@ async def issue(
     nonce: str,
     sent_to: str,
     claim: str | None = None,
-    cooldown: bool = True,
     challenge: Challenge | None = None,
+    ledger: str | None = None,
 ) -> Issued:
-    """A code for a new step, ending the customer's other open steps; or, with `challenge`, one
-    more code for that open step (a resend): every earlier code of it stays valid until its own
-    expiry, the CODES_KEPT newest at most, all under the step's one attempt budget. Cooldown if
-    too soon (the customer's cooldown, kept in the database).
+    """A code for a new step, or, with `challenge`, one more code for that open step (a resend):
+    every earlier code of it stays valid until its own expiry, the CODES_KEPT newest at most, all
+    under the step's one attempt budget; StepEnded if it was used or ended meanwhile.
+
+    A proven step (`ledger` None: after the password, or in a signed-in session) takes the
+    customer's cooldown and ends their other open steps; Cooldown if too soon. An unproven one
+    (`ledger`: the address's ledger key) touches nothing of the customer's: the caller limits
+    its mail per address.
 
     `claim`: the sealed details of a registration that takes over an unconfirmed sign-up,
     applied only when a code of this step is entered. Call inside a transaction together with
     queueing its mail, so that a code exists exactly when its mail does.
     """
-    # cooldown=False: the customer's cooldown is taken whatever it holds (the caller limits the
-    # mail some other way, e.g. per address); the other open steps still end.
-    threshold = now - timedelta(seconds=policy.resend_cooldown) if cooldown else now + timedelta(days=1)
-    keep = challenge.id if challenge is not None else 0
-    if not await _ending_open_codes_if(db, _TAKE_COOLDOWN, _TAKE_COOLDOWN_ENDING_OPEN, cid=customer_id,
-                                       threshold=threshold, now=now, keep=keep):
-        raise Cooldown(max(1, await cooldown_left(db, customer_id=customer_id, policy=policy, now=now)))
+    if ledger is None:
+        await take_cooldown(db, customer_id=customer_id, policy=policy, now=now,
+                            keep=challenge.id if challenge is not None else 0)
+    else:
+        await _ensure_ledger(db, ledger, now)
     code = generate_code()
     expires_at = now + timedelta(seconds=policy.ttl(purpose))
     if challenge is None:
@@ -314,12 +343,13 @@ async def issue(
         await sql.execute(
             db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
             code_hash=secrets.token_hex(32), session_binding=binding_hash(keys.binding, nonce), kind=Kind.CODE.value,
-            sent_to=sent_to, attempts=0, created_at=now, expires_at=expires_at, failures=0, lockouts=0,
-            locked_until=None, claim=claim, mail_id=None, last_code_at=now, tag=tag,
+            sent_to=sent_to, attempts=0, created_at=now, expires_at=expires_at, claim=claim, mail_id=None,
+            last_code_at=now, tag=tag, proven=ledger is None, ledger_key=ledger,
         )
     else:
         challenge_id, tag = challenge.id, challenge.tag
-        await sql.execute(db, _NEXT_CODE, cid=challenge_id, expires=expires_at, now=now, new_claim=claim)
+        if not await sql.execute(db, _NEXT_CODE, cid=challenge_id, expires=expires_at, now=now, new_claim=claim):
+            raise StepEnded
         older = await sql.fetch_all(db, _OPEN_CODE_IDS, cid=challenge_id, now=now)
         for row in older[CODES_KEPT - 1:]:
             await sql.execute(db, _PUSH_OUT, code_id=row.id, now=now)
@@ -343,57 +373,40 @@ async def stand_in(
     nonce: str,
     sent_to: str,
     kind: Kind,
-    carry: Ledger | None = None,
     mail_id: int | None = None,
     claim: str | None = None,
+    ledger: str | None = None,
 ) -> int:
-    """A challenge no code was mailed for (placeholder or decoy). It can never verify, and it
-    neither invalidates the customer's real codes nor touches their cooldown. `mail_id`: a mail
-    queued earlier whose delivery state the step shows (a decoy inside the notice cooldown)."""
+    """A challenge no code was mailed for (placeholder or decoy). It can never verify (it has no
+    code; a placeholder gets one on a resend), and it neither invalidates the customer's real
+    codes nor touches their cooldown. `mail_id`: a mail queued earlier whose delivery state the
+    step shows. `ledger`: unproven (see issue); its failures count on that address's ledger."""
+    if ledger is not None:
+        await _ensure_ledger(db, ledger, now)
     challenge_id = new_challenge_id()
     await sql.execute(
         db, _INSERT, id=challenge_id, customer_id=customer_id, purpose=purpose.value,
         code_hash=secrets.token_hex(32), session_binding=binding_hash(keys.binding, nonce), kind=kind.value,
         sent_to=sent_to, attempts=0, created_at=now, expires_at=now + timedelta(seconds=policy.ttl(purpose)),
-        # A stand-in for an address starts from the ledger of the last one, as a customer's would.
-        failures=carry.failures if carry else 0,
-        lockouts=carry.lockouts if carry else 0,
-        locked_until=carry.locked_until if carry else None,
-        claim=claim, mail_id=mail_id, last_code_at=now, tag=new_tag(),
+        claim=claim, mail_id=mail_id, last_code_at=now, tag=new_tag(), proven=ledger is None, ledger_key=ledger,
     )
     return challenge_id
 
 
 _ANSWER_AGAIN = sql.Query(
-    o.update().where(o.c.id == sa.bindparam("cid"))
+    o.update().where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
     .values(expires_at=sa.bindparam("expires"), last_code_at=sa.bindparam("now"), mail_id=sa.bindparam("new_mail"))
 )
 
 
 async def answer_again(db: Database, *, policy: OtpPolicy, now: datetime, challenge: Challenge,
                        mail_id: int | None) -> None:
-    """A stand-in's "resend": the same step answers as if a new code had gone (its lifetime and
-    cooldown start again), showing the state of `mail_id` (a notice, or the mail it showed)."""
-    await sql.execute(db, _ANSWER_AGAIN, cid=challenge.id, now=now, new_mail=mail_id,
-                      expires=now + timedelta(seconds=policy.ttl(challenge.purpose)))
-
-
-_LATEST_DECOY = sql.Query(
-    sa.select(o.c.failures, o.c.lockouts, o.c.locked_until)
-    .where(o.c.sent_to == sa.bindparam("sent_to"), o.c.purpose == sa.bindparam("purpose"),
-           o.c.kind == Kind.DECOY.value, o.c.created_at > sa.bindparam("since"))
-    .order_by(o.c.created_at.desc())
-    .limit(1)
-)
-
-
-async def latest_decoy(db: Database, *, purpose: Purpose, sent_to: str, now: datetime,
-                       policy: OtpPolicy) -> Ledger | None:
-    """The newest stand-in for this address and purpose (within the longest lockout): a new one
-    starts from its failures and lockout, as a real customer's would, whichever session asks."""
-    since = now - timedelta(seconds=max(policy.lockout_schedule) + policy.login_ttl)
-    found: Ledger | None = await sql.fetch_one(db, _LATEST_DECOY, sent_to=sent_to, purpose=purpose.value, since=since)
-    return found
+    """A "resend" that mails no code (a stand-in's, or one inside the address's mail window): the
+    same step answers as if a new code had gone (its lifetime and cooldown start again), showing
+    the state of `mail_id` (a notice, or the mail it showed). StepEnded if it was used or ended."""
+    if not await sql.execute(db, _ANSWER_AGAIN, cid=challenge.id, now=now, new_mail=mail_id,
+                             expires=now + timedelta(seconds=policy.ttl(challenge.purpose))):
+        raise StepEnded
 
 
 _NEWEST_OPEN = sql.Query(
@@ -535,9 +548,9 @@ _mail = mail_outbox
 _LOAD = sql.Query(
     sa.select(
         o.c.id, o.c.customer_id, o.c.purpose, o.c.kind, o.c.sent_to, o.c.attempts, o.c.created_at, o.c.expires_at,
-        o.c.used_at, o.c.invalidated_at, o.c.session_binding, o.c.code_hash, o.c.failures, o.c.lockouts,
-        o.c.locked_until, o.c.claim, o.c.last_code_at, o.c.tag, c.c.otp_locked_until, c.c.otp_last_sent_at,
-        c.c.session_version, c.c.signin_paused_until,
+        o.c.used_at, o.c.invalidated_at, o.c.session_binding, o.c.claim, o.c.last_code_at, o.c.tag,
+        o.c.proven, o.c.ledger_key, c.c.otp_locked_until, c.c.otp_last_sent_at, c.c.session_version,
+        c.c.signin_paused_until, _lg.c.locked_until.label("ledger_locked_until"),
         # The state of its newest mail, in the same round trip (the code step shows it); a decoy
         # inside the notice cooldown shows the state of the notice that went out before.
         sa.func.coalesce(
@@ -546,7 +559,7 @@ _LOAD = sql.Query(
             sa.select(_mail.c.status).where(_mail.c.id == o.c.mail_id).scalar_subquery(),
         ).label("delivery"),
     )
-    .select_from(o.outerjoin(c, c.c.id == o.c.customer_id))
+    .select_from(o.outerjoin(c, c.c.id == o.c.customer_id).outerjoin(_lg, _lg.c.key == o.c.ledger_key))
     .where(o.c.id == sa.bindparam("cid"))
 )
 
@@ -560,6 +573,10 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
         return None
     if purpose is not None and rec.purpose != purpose.value:
         return None
+    proven = bool(rec.proven)
+    # A proven step is held up by the customer's lockout (and a sign-in by "Not you?"); an
+    # unproven one by its address's ledger only.
+    paused = rec.signin_paused_until if proven and rec.purpose == Purpose.LOGIN.value else None
     return Challenge(
         id=rec.id,
         customer_id=rec.customer_id,
@@ -571,17 +588,16 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
         expires_at=rec.expires_at,
         used_at=rec.used_at,
         invalidated_at=rec.invalidated_at,
-        locked_until=rec.locked_until if rec.kind == Kind.DECOY else _later(
-            rec.otp_locked_until, rec.signin_paused_until if rec.purpose == Purpose.LOGIN.value else None),
+        locked_until=_later(rec.otp_locked_until, paused) if proven else rec.ledger_locked_until,
         last_sent_at=rec.otp_last_sent_at,
-        code_hash=rec.code_hash,
-        failures=rec.failures,
-        lockouts=rec.lockouts,
         session_version=rec.session_version or 0,
         delivery=rec.delivery,
         claim=rec.claim,
         last_code_at=rec.last_code_at,
         tag=rec.tag,
+        proven=proven,
+        ledger_key=rec.ledger_key,
+        paused_until=paused,
     )
 
 
@@ -595,12 +611,10 @@ class _Ledger:
     locked_until: sql.Query
 
 
-def _make_ledger(table: sa.Table, failures: sa.Column[int], lockouts: sa.Column[int],
-                 locked_until: sa.Column[datetime], *, stamp: bool) -> _Ledger:
-    row = table.c.id == sa.bindparam("row_id")
-    bump: dict[Any, Any] = {failures: failures + 1}
-    if stamp:
-        bump[c.c.last_otp_attempt] = sa.bindparam("now")
+def _make_ledger(table: sa.Table, key: sa.Column[Any], failures: sa.Column[int], lockouts: sa.Column[int],
+                 locked_until: sa.Column[datetime], stamp: sa.Column[datetime]) -> _Ledger:
+    row = key == sa.bindparam("row_id")
+    bump: dict[Any, Any] = {failures: failures + 1, stamp: sa.bindparam("now")}
     return _Ledger(
         bump=sql.Query(table.update().where(row).values(bump)),
         read=sql.Query(sa.select(failures, lockouts).where(row)),
@@ -613,24 +627,31 @@ def _make_ledger(table: sa.Table, failures: sa.Column[int], lockouts: sa.Column[
     )
 
 
-_CUSTOMER_LEDGER = _make_ledger(c, c.c.otp_attempts, c.c.otp_lockouts, c.c.otp_locked_until, stamp=True)
-_DECOY_LEDGER = _make_ledger(o, o.c.failures, o.c.lockouts, o.c.locked_until, stamp=False)
+_CUSTOMER_LEDGER = _make_ledger(c, c.c.id, c.c.otp_attempts, c.c.otp_lockouts, c.c.otp_locked_until,
+                                c.c.last_otp_attempt)
+_ADDRESS_LEDGER = _make_ledger(_lg, _lg.c.key, _lg.c.failures, _lg.c.lockouts, _lg.c.locked_until, _lg.c.updated_at)
 
 
-def _ledger(challenge: Challenge) -> tuple[_Ledger, int]:
-    """Where this challenge's failures count: the customer row, or a decoy's own row."""
-    if challenge.kind is Kind.DECOY or challenge.customer_id is None:
-        return _DECOY_LEDGER, challenge.id
-    return _CUSTOMER_LEDGER, challenge.customer_id
+def _ledger(challenge: Challenge) -> tuple[_Ledger, int | str]:
+    """Where this challenge's failures count: the customer's row for a proven step; for an
+    unproven one (real or stand-in alike), its address's row of otp_ledgers."""
+    if challenge.proven:
+        assert challenge.customer_id is not None
+        return _CUSTOMER_LEDGER, challenge.customer_id
+    assert challenge.ledger_key is not None
+    return _ADDRESS_LEDGER, challenge.ledger_key
 
 
 _open_code = sa.and_(
     o.c.id == sa.bindparam("cid"), o.c.attempts < sa.bindparam("max_attempts"),
     o.c.used_at.is_(None), o.c.invalidated_at.is_(None),
 )
+_SQLITE_WRITER = sql.Query(o.update().where(sa.false()).values(attempts=o.c.attempts))
 # Every entry is counted against the step's one budget before anything is compared, by a
 # guarded UPDATE: of any number of concurrent entries, at most max_attempts count.
 _COUNT = sql.Query(o.update().where(_open_code).values(attempts=o.c.attempts + 1))
+_ENDED = sql.Query(sa.select(o.c.id).where(o.c.id == sa.bindparam("cid"),
+                                          sa.or_(o.c.used_at.is_not(None), o.c.invalidated_at.is_not(None))))
 # The entry matched an open code: the step is used, once (of concurrent right entries one wins).
 _USE = sql.Query(
     o.update().where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
@@ -644,14 +665,25 @@ _RESET: dict[Any, Any] = {c.c.otp_attempts: 0, c.c.otp_lockouts: 0, c.c.otp_lock
                            c.c.email_verified_at: sa.func.coalesce(c.c.email_verified_at, sa.bindparam("now"))}
 _SUCCEEDED = sql.Query(c.update().where(c.c.id == sa.bindparam("cid")).values(_RESET))
 _SUCCEEDED_ENDING_OPEN = _ending_open_codes(c.c.id == sa.bindparam("cid"), values=_RESET)
+# A right code of an unproven step proves the mailbox too, and ends the customer's other open
+# steps; it leaves their failure count, lockout and cooldown as they were (whoever holds the
+# mailbox gets no way around a lockout earned after the password). Its address's ledger starts over.
+_PROVED: dict[Any, Any] = {c.c.email_verified_at: sa.func.coalesce(c.c.email_verified_at, sa.bindparam("now"))}
+_PROVED_ALONE = sql.Query(c.update().where(c.c.id == sa.bindparam("cid")).values(_PROVED))
+_PROVED_ENDING_OPEN = _ending_open_codes(c.c.id == sa.bindparam("cid"), values=_PROVED)
+_LEDGER_CLEAR = sql.Query(
+    _lg.update().where(_lg.c.key == sa.bindparam("k"))
+    .values(failures=0, lockouts=0, locked_until=None, updated_at=sa.bindparam("now"))
+)
 
 
-# A right code on the sign-in path, checked and used by one guarded UPDATE: a step bound to
-# this pending session, with real codes (not a placeholder or decoy), tries left, not used or
-# ended, one of its codes matching and neither pushed out nor expired, and the customer not
-# locked out. Anything else changes nothing. The hashes are keyed (HMAC of the step's id and
-# the code), so comparing them in SQL tells nothing about any code to anyone without the key.
-_USE_BOUND = sql.Query(
+# The sign-in path's fast check, two guarded UPDATEs. First the entry is counted, as verify()
+# counts every entry before comparing: a step bound to this pending session, with real codes
+# (not a placeholder or decoy), tries left, not used or ended, and the customer not locked out.
+# Then, only for an entry that counted, the step is used if one of its codes matches and is
+# neither pushed out nor expired. The hashes are keyed (HMAC of the step's id and the code), so
+# comparing them in SQL tells nothing about any code to anyone without the key.
+_COUNT_BOUND = sql.Query(
     o.update()
     .where(
         _open_code,
@@ -659,38 +691,74 @@ _USE_BOUND = sql.Query(
         o.c.purpose == sa.bindparam("purpose"),
         o.c.kind == Kind.CODE.value,
         o.c.session_binding == sa.bindparam("binding"),
-        sa.exists().where(k.c.challenge_id == sa.bindparam("cid"), k.c.code_hash == sa.bindparam("hash"),
-                          k.c.invalidated_at.is_(None), k.c.expires_at > sa.bindparam("now")),
         ~sa.exists().where(c.c.id == sa.bindparam("uid"), sa.or_(c.c.otp_locked_until > sa.bindparam("now"),
                                                                  c.c.signin_paused_until > sa.bindparam("now"))),
     )
-    .values(attempts=o.c.attempts + 1, used_at=sa.bindparam("now"))
+    .values(attempts=o.c.attempts + 1)
 )
+_USE_BOUND = sql.Query(
+    o.update()
+    .where(
+        o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None),
+        sa.exists().where(k.c.challenge_id == sa.bindparam("cid"), k.c.code_hash == sa.bindparam("hash"),
+                          k.c.invalidated_at.is_(None), k.c.expires_at > sa.bindparam("now")),
+    )
+    .values(used_at=sa.bindparam("now"))
+)
+
+
+class FastCheck(StrEnum):
+    USED = "used"  # the entry was right and used the step: finish with succeeded()
+    COUNTED = "counted"  # counted but no match: verify(counted=True) gives the verdict
+    UNCOUNTED = "uncounted"  # nothing happened: verify() counts and decides
 
 
 async def use_code(
     db: Database, *, keys: Keys, policy: OtpPolicy, now: datetime, challenge_id: int, nonce: str,
     customer_id: int, purpose: Purpose, code: str,
-) -> bool:
-    """The fast path of verify() for a right code: True when this entry used it; finish with
-    succeeded() in the same transaction. False means nothing happened: call verify() with the
-    loaded challenge for the verdict.
+) -> FastCheck:
+    """The fast path of verify() on the sign-in path, without loading the step.
 
-    Run it in a transaction with what the code starts (the session): the UPDATE locks the code
-    row, then reads the customer row under a shared lock, while a sign-out everywhere or a new
+    Run it in a transaction with what the code starts (the session): the UPDATEs lock the code
+    row, then read the customer row under a shared lock, while a sign-out everywhere or a new
     code locks the customer row, then the codes; when MariaDB breaks such a deadlock it rolls
     the whole transaction back, and `transact` runs it again."""
-    won = await sql.execute(
-        db, _USE_BOUND, cid=challenge_id, uid=customer_id, purpose=purpose.value, binding=binding_hash(keys.binding, nonce),
-        hash=code_hash(keys.code, challenge_id, code), max_attempts=policy.max_attempts, now=now,
-    )
-    return bool(won)
+    if not await sql.execute(db, _COUNT_BOUND, cid=challenge_id, uid=customer_id, purpose=purpose.value,
+                             binding=binding_hash(keys.binding, nonce), max_attempts=policy.max_attempts, now=now):
+        return FastCheck.UNCOUNTED
+    if await sql.execute(db, _USE_BOUND, cid=challenge_id, hash=code_hash(keys.code, challenge_id, code), now=now):
+        return FastCheck.USED
+    return FastCheck.COUNTED
 
 
 async def succeeded(db: Database, customer_id: int, now: datetime) -> None:
-    """A right code: failures reset, the address verified, the resend cooldown over, every
-    other open code (and the pending steps that hold them) ended."""
+    """A right code of a proven step: failures reset, the address verified, the resend cooldown
+    over, every other open code (and the pending steps that hold them) ended."""
     await _ending_open_codes_if(db, _SUCCEEDED, _SUCCEEDED_ENDING_OPEN, cid=customer_id, now=now)
+
+
+async def proved(db: Database, challenge: Challenge, now: datetime) -> None:
+    """A right code of any step: succeeded() for a proven one; for an unproven one, the address
+    verified and the customer's other open steps ended, their failure count, lockout and
+    cooldown untouched, and the address's ledger cleared."""
+    assert challenge.customer_id is not None
+    if challenge.proven:
+        await succeeded(db, challenge.customer_id, now)
+        return
+    await _ending_open_codes_if(db, _PROVED_ALONE, _PROVED_ENDING_OPEN, cid=challenge.customer_id, now=now,
+                                keep=challenge.id)
+    await sql.execute(db, _LEDGER_CLEAR, k=challenge.ledger_key, now=now)
+
+
+_END_STEP = sql.Query(
+    o.update().where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    .values(invalidated_at=sa.bindparam("now"))
+)
+
+
+async def end_step(db: Database, challenge_id: int, now: datetime) -> None:
+    """End one open step (its codes stop working)."""
+    await sql.execute(db, _END_STEP, cid=challenge_id, now=now)
 
 
 async def verify(
@@ -701,20 +769,30 @@ async def verify(
     now: datetime,
     challenge: Challenge,
     code: str,
+    counted: bool = False,
 ) -> Verdict:
     """Check one code entry against a step loaded for this session: any of its open codes, under
     its one attempt budget. A VERIFIED verdict has used the step: the caller finishes with
-    succeeded() in the same transaction."""
+    proved() in the same transaction. `counted`: use_code() counted this entry already (the
+    step was loaded after it)."""
     if challenge.used_at is not None or challenge.invalidated_at is not None:
         return Verdict(Outcome.INVALID)
     locked_until = challenge.locked_until
-    if locked_until is not None and locked_until > now:
+    # An entry use_code() counted was compared before any lock that came since: it is a failure
+    # like any other (counted on the ledger below), not a refusal.
+    if not counted and locked_until is not None and locked_until > now:
         return Verdict(Outcome.LOCKED, locked_until=locked_until)
     if challenge.expires_at <= now:
         return Verdict(Outcome.EXPIRED)  # its newest code, and so every one, has expired
     # Counted before comparing: no burst gets more than max tries, right entries included.
-    if not await sql.execute(db, _COUNT, cid=challenge.id, max_attempts=policy.max_attempts):
-        return Verdict(Outcome.DEAD)
+    if not counted and not await sql.execute(db, _COUNT, cid=challenge.id, max_attempts=policy.max_attempts):
+        # Out of tries, or used or ended since it was loaded (another tab, "Not you?"): say which.
+        ended = await sql.fetch_one(db, _ENDED, cid=challenge.id)
+        return Verdict(Outcome.INVALID if ended is not None else Outcome.DEAD)
+    if counted and sql.dialect(db) == "sqlite":
+        # SQLite (WAL): a transaction that reads first cannot become a writer once another
+        # connection has committed; take the write lock before reading the codes.
+        await sql.execute(db, _SQLITE_WRITER)
     matched = None
     if challenge.real:
         entry = code_hash(keys.code, challenge.id, code)
@@ -724,12 +802,12 @@ async def verify(
     if matched is not None and matched.invalidated_at is None and matched.expires_at > now:
         if not await sql.execute(db, _USE, cid=challenge.id, now=now):
             return Verdict(Outcome.INVALID)  # used (or ended) meanwhile
-        return Verdict(Outcome.VERIFIED, customer_id=challenge.customer_id, purpose=challenge.purpose)
+        return Verdict(Outcome.VERIFIED, customer_id=challenge.customer_id)
     # This entry's count (exact unless the same session races itself, where it only
     # changes the "attempts left" wording; the guard above is what limits tries).
-    code_left = max(0, policy.max_attempts - (challenge.attempts + 1))
-    # Failures across codes, sessions and workers; a resend never resets them. A decoy
-    # counts on its own row, so a stranger cannot lock the owner out through it.
+    code_left = max(0, policy.max_attempts - (challenge.attempts + (0 if counted else 1)))
+    # Failures across codes, sessions and workers; a resend never resets them. An unproven step
+    # counts on its address's ledger, so a stranger cannot lock the owner out through it.
     ledger, row_id = _ledger(challenge)
     await sql.execute(db, ledger.bump, row_id=row_id, now=now)
     state = await sql.fetch_one(db, ledger.read, row_id=row_id)
@@ -739,11 +817,13 @@ async def verify(
         until: datetime | None = now + timedelta(seconds=policy.lockout(level))
         if not await sql.execute(db, ledger.lock, row_id=row_id, max_attempts=policy.max_attempts, until=until):
             until = await sql.fetch_val(db, ledger.locked_until, row_id=row_id)
-        return Verdict(Outcome.LOCKED, customer_id=challenge.customer_id if challenge.real else None, locked_until=until)
+        return Verdict(Outcome.LOCKED, customer_id=challenge.customer_id if challenge.kind is not Kind.DECOY else None,
+                       locked_until=until, checked=True)
     if matched is not None:  # a code of this step that no longer works (it says which way)
         return Verdict(Outcome.EXPIRED if matched.invalidated_at is None else Outcome.INVALID,
-                       customer_id=challenge.customer_id, attempts_left=min(code_left, policy.max_attempts - failures))
+                       customer_id=challenge.customer_id, attempts_left=min(code_left, policy.max_attempts - failures),
+                       checked=True)
     left = min(code_left, policy.max_attempts - failures)
     if left <= 0:
-        return Verdict(Outcome.DEAD, customer_id=challenge.customer_id)
-    return Verdict(Outcome.WRONG, customer_id=challenge.customer_id, attempts_left=left)
+        return Verdict(Outcome.DEAD, customer_id=challenge.customer_id, checked=True)
+    return Verdict(Outcome.WRONG, customer_id=challenge.customer_id, attempts_left=left, checked=True)

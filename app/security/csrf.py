@@ -55,11 +55,6 @@ async def csrf_verdict(request: Request) -> CsrfVerdict:
     return CsrfVerdict.OK if await _token_matches(request) else CsrfVerdict.ENDED
 
 
-async def csrf_ok(request: Request) -> bool:
-    """True when the request carries the session's token and comes from this site."""
-    return await csrf_verdict(request) is CsrfVerdict.OK
-
-
 async def _token_matches(request: Request) -> bool:
     expected = cookie_of(request).csrf
     if not expected:

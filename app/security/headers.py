@@ -36,7 +36,6 @@ class SecurityHeadersMiddleware:
 
     def __init__(self, app: ASGIApp, *, production: bool) -> None:
         self.app = app
-        self.production = production
         hsts = _HSTS if production else ()
         self.for_static = _raw(_HEADERS + hsts)
         self.for_pages = _raw(_HEADERS + _PAGE_HEADERS + hsts)

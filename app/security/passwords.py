@@ -34,8 +34,8 @@ def _verify_werkzeug(stored: str, password: str) -> bool:
     if parts[0] == "pbkdf2" and len(parts) in (2, 3):
         iterations = int(parts[2]) if len(parts) == 3 else 600000
         actual = hashlib.pbkdf2_hmac(parts[1], pw, salt_b, iterations).hex()
-    elif parts[0] == "scrypt" and len(parts) in (1, 4):
-        n, r, p = (int(x) for x in parts[1:]) if len(parts) == 4 else (2**15, 8, 1)
+    elif parts[0] == "scrypt" and len(parts) == 4:
+        n, r, p = (int(x) for x in parts[1:])
         actual = hashlib.scrypt(pw, salt=salt_b, n=n, r=r, p=p, maxmem=132 * n * r * p).hex()
     else:
         return False

@@ -82,8 +82,9 @@ class ProxyMiddleware:
             proto = headers.get("x-forwarded-proto", "").split(",")[-1].strip().lower()
             if proto in ("http", "https"):
                 scope["scheme"] = proto if scope["type"] == "http" else proto.replace("http", "ws")
+            # Likewise the host the nearest proxy was asked for: the last of a list.
             if forwarded_host := headers.get("x-forwarded-host"):
-                hosts.add(forwarded_host.split(",")[0].strip())
+                hosts.add(forwarded_host.split(",")[-1].strip())
         scope[HOSTS_KEY] = hosts
         if self.require_https and scope["scheme"] in ("http", "ws"):
             response = self._to_https(scope)

@@ -92,9 +92,29 @@ async def get_customer(db: Database, customer_id: int) -> Customer | None:
     return _customer(await sql.fetch_one(db, _GET, cid=customer_id))
 
 
+def _conflict_query(*, lowered: bool) -> sql.Query:
+    def match(column: sa.Column[str], name: str) -> sa.ColumnElement[bool]:
+        return (sa.func.lower(column) if lowered else column) == sa.bindparam(name, type_=sa.String)
+
+    by_email, by_username = match(customers.c.email, "email"), match(customers.c.username, "username")
+    # The database says which side matched, by its own collation (MySQL's also folds accents).
+    return sql.Query(sa.select(*_COLS, sa.case((by_email, 1), else_=0).label("email_hit"),
+                               sa.case((by_username, 1), else_=0).label("username_hit"))
+                     .where(sa.or_(by_email, by_username)))
+
+
+_CONFLICT = {lowered: _conflict_query(lowered=lowered) for lowered in (False, True)}
+
+
 async def find_conflict(db: Database, *, email: str, username: str) -> tuple[Customer | None, Customer | None]:
-    """(customer with this email, customer with this username)."""
-    return await _by(db, "email", email), await _by(db, "username", username)
+    """(customer with this email, customer with this username), read in one statement: two reads
+    could straddle a concurrent sign-up's commit and see its username but not its address."""
+    lowered = sql.dialect(db) == "sqlite"
+    found = await sql.fetch_all(db, _CONFLICT[lowered], email=email.lower() if lowered else email,
+                                username=username.lower() if lowered else username)
+    by_email = next((_customer(rec) for rec in found if rec.email_hit), None)
+    by_username = next((_customer(rec) for rec in found if rec.username_hit), None)
+    return by_email, by_username
 
 
 _CREATE = sql.Query(

@@ -34,6 +34,15 @@ class Event(StrEnum):
     EMAIL_CHANGED = "email_changed"
     ACCOUNT_DELETED = "account_deleted"
     NOT_ME = "not_me"  # "Not you?" in a code mail: pending steps ended, sign-in codes paused
+    FACTOR_FAILED = "factor_failed"  # a wrong app code, backup code or passkey at the second step
+    FACTOR_ADDED = "factor_added"
+    FACTOR_REMOVED = "factor_removed"
+    BACKUP_CODES_CREATED = "backup_codes_created"
+    BACKUP_CODE_USED = "backup_code_used"
+    DEVICE_TRUSTED = "device_trusted"
+    DEVICE_REVOKED = "device_revoked"
+    REAUTHENTICATED = "reauthenticated"
+    FACTOR_BYPASS = "factor_bypass"  # staff let a customer who lost every factor in with the emailed code
 
 
 EVENTS = frozenset(Event)

@@ -19,11 +19,14 @@ from starlette.staticfiles import StaticFiles
 
 from app import otp, sql, templating
 from app.account.routes import routes as account_routes
+from app.account.security_routes import routes as security_routes
 from app.auth import sessions
+from app.auth.factor_routes import routes as factor_routes
 from app.auth.routes import routes as auth_routes
 from app.clock import Clock, ShiftedClock, SystemClock
 from app.database import ROOT, is_unavailable, make_database, pending_migrations, ping
 from app.dev.routes import dev_routes, test_routes
+from app.factors import FactorKeys
 from app.logs import configure_logging
 from app.mail import messages
 from app.mail.dispatcher import Dispatcher
@@ -111,6 +114,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         claims=Sealer.for_purpose(settings.secret_key, (), "registration-claim"), mailer=mailer,
         limiter=RateLimiter(settings.rate_limit_storage, settings.rate_limit, settings.login_account_rate_limit,
                             clock=clock),
+        factors=FactorKeys.from_secret(settings.secret_key, tuple(fallbacks)),
     )
 
     @contextlib.asynccontextmanager
@@ -162,7 +166,9 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         Route("/", home, name="home"),
         Route("/healthz", healthz, name="healthz"),
         *auth_routes,
+        *factor_routes,
         *account_routes,
+        *security_routes,
         Mount("/static", StaticFiles(directory=ROOT / "static"), name="static"),
     ]
     if settings.is_development:

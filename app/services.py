@@ -8,6 +8,7 @@ from typing import TypedDict
 from databases import Database
 
 from app.clock import Clock
+from app.factors import FactorKeys
 from app.mail.dispatcher import Dispatcher
 from app.otp import Keys, OtpPolicy
 from app.ratelimit import RateLimiter
@@ -26,6 +27,7 @@ class Services:
     claims: Sealer  # registration details held until their code is entered
     mailer: Dispatcher
     limiter: RateLimiter
+    factors: FactorKeys
 
 
 @dataclass(frozen=True)

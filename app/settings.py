@@ -59,6 +59,9 @@ class Settings:
     db_pool_size: int = 10
     hash_concurrency: int = 0  # Argon2 runs at once per process; 0: cores (÷ WEB_CONCURRENCY)
     loop_monitor: bool = False
+    trusted_device_days: int = 30  # "Don't ask again on this device" lasts this long (0: not offered)
+    reauth_minutes: int = 10  # adding or removing a way to sign in needs a sign-in this recent
+    webauthn_rp_id: str | None = None  # passkeys' relying party id; default: PUBLIC_ORIGIN's host
 
     def __post_init__(self) -> None:
         if self.app_env not in ENVIRONMENTS:
@@ -92,6 +95,8 @@ class Settings:
         if self.is_production and not (self.public_origin or "").startswith("https://"):
             raise SettingsError("production needs PUBLIC_ORIGIN, the https:// address customers use "
                                 "(plain HTTP is redirected there, and mail links point to it)")
+        if self.trusted_device_days < 0 or self.reauth_minutes <= 0:
+            raise SettingsError("TRUSTED_DEVICE_DAYS must be 0 or more, REAUTH_MINUTES positive")
         for name in ("otp_registration_ttl", "otp_login_ttl", "otp_max_attempts", "session_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive")
@@ -178,6 +183,9 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides:
             "db_pool_size": config("DB_POOL_SIZE", cast=int, default=10),
             "hash_concurrency": config("HASH_CONCURRENCY", cast=int, default=0),
             "loop_monitor": config("LOOP_MONITOR", cast=bool, default=False),
+            "trusted_device_days": config("TRUSTED_DEVICE_DAYS", cast=int, default=30),
+            "reauth_minutes": config("REAUTH_MINUTES", cast=int, default=10),
+            "webauthn_rp_id": config("WEBAUTHN_RP_ID", default=None) or None,
         }
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc

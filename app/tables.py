@@ -66,6 +66,8 @@ customers = sa.Table(
     sa.Column("source", sa.String(8), nullable=False, server_default="shop"),
     # "Not you?" in a code mail: no sign-in code goes out until then (a reset still can).
     sa.Column("signin_paused_until", UTCDateTime, nullable=True),
+    # Staff let a customer who lost every factor in with the emailed code until then (audited).
+    sa.Column("factor_bypass_until", UTCDateTime, nullable=True),
 )
 
 # A challenge is one pending step (a sign-in, a registration, a reset...) with everything that
@@ -141,6 +143,10 @@ auth_sessions = sa.Table(
     sa.Column("ip", sa.String(45), nullable=False, server_default=""),
     sa.Column("user_agent", sa.String(255), nullable=False, server_default=""),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
+    # How it was authenticated (app.factors.Method), and when its customer last proved the
+    # password or a factor in it (adding or removing a factor asks for a recent one).
+    sa.Column("method", sa.String(16), nullable=False, server_default="password"),
+    sa.Column("authenticated_at", UTCDateTime, nullable=True),
     sa.Index("ix_auth_sessions_customer", "customer_id", "revoked_at"),
 )
 
@@ -209,4 +215,53 @@ mail_throttle = sa.Table(
     sa.Column("last_at", UTCDateTime, nullable=False),
     sa.Column("mail_id", sa.BigInteger, nullable=True),  # the notice that went out then
     sa.Index("ix_mail_throttle_last", "last_at"),  # clean-up forgets windows idle for a day
+)
+
+# Ways to sign in beyond the password and the emailed code (migration 0005), one row per factor:
+# type "totp" (data: the sealed secret, the last accepted 30-s step), "passkey" (credential,
+# public key, sign counter, may it sign in alone), "backup_codes" (the set, hashed, used times).
+authenticators = sa.Table(
+    "authenticators",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("data", sa.Text, nullable=False),  # JSON
+    sa.Column("label", sa.String(100), nullable=False, server_default=""),
+    sa.Column("lookup", sa.String(64), nullable=True),  # a passkey's credential id, hashed (unique)
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("confirmed_at", UTCDateTime, nullable=True),  # an app counts once its first code was right
+    sa.Column("last_used_at", UTCDateTime, nullable=True),
+    sa.Index("ix_authenticators_customer", "customer_id", "type"),
+    sa.Index("ix_authenticators_lookup", "lookup", unique=True),
+)
+
+trusted_devices = sa.Table(
+    "trusted_devices",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("customer_id", sa.Integer, sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),  # SHA-256 of the cookie's token
+    sa.Column("label", sa.String(120), nullable=False, server_default=""),  # browser and system
+    sa.Column("ip", sa.String(45), nullable=False, server_default=""),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_used_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Index("ix_trusted_devices_customer", "customer_id", "revoked_at"),
+    sa.Index("ix_trusted_devices_expires", "expires_at"),
+)
+
+webauthn_challenges = sa.Table(
+    "webauthn_challenges",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # SHA-256 of the challenge
+    sa.Column("customer_id", sa.Integer, nullable=True),  # None: a passkey sign-in, whoever it turns out to be
+    sa.Column("purpose", sa.String(16), nullable=False),  # register | alone | second
+    sa.Column("binding", sa.String(64), nullable=False),  # keyed hash of the session's nonce
+    sa.Column("challenge", sa.String(128), nullable=False),  # base64url
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("used_at", UTCDateTime, nullable=True),
+    sa.Index("ix_webauthn_challenges_expires", "expires_at"),
 )

@@ -19,6 +19,7 @@ from app.security.csrf import csrf_token
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 HTMX_VERSION = "2.0.11"
+WEBAUTHN_VERSION = "13.3.0"  # static/vendor/simplewebauthn-browser-<version>.umd.min.js
 
 env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -28,6 +29,7 @@ env = jinja2.Environment(
     lstrip_blocks=True,
 )
 env.globals["htmx_version"] = HTMX_VERSION
+env.globals["webauthn_version"] = WEBAUTHN_VERSION
 
 
 def compile_all() -> int:

@@ -79,7 +79,25 @@
     el.textContent = text;
   }
 
+  // "Print" beside the backup codes; "Are you sure?" before removing a way to sign in.
+  function wirePrint(button) {
+    if (button.getAttribute("data-wired")) return;
+    button.setAttribute("data-wired", "1");
+    button.hidden = false;
+    button.addEventListener("click", function () { window.print(); });
+  }
+
+  function wireConfirm(form) {
+    if (form.getAttribute("data-wired")) return;
+    form.setAttribute("data-wired", "1");
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.getAttribute("data-confirm"))) event.preventDefault();
+    });
+  }
+
   function enhance(root) {
+    root.querySelectorAll("[data-print]").forEach(wirePrint);
+    root.querySelectorAll("form[data-confirm]").forEach(wireConfirm);
     root.querySelectorAll("[data-countdown]").forEach(startCountdown);
     root.querySelectorAll("[data-code-input]").forEach(wireCodeInput);
     root.querySelectorAll("[data-reveal]").forEach(wireReveal);

@@ -237,7 +237,7 @@ async def test_handles_are_never_capitalised_and_passwords_can_be_shown(client: 
         for name in handles:
             tag = re.search(rf'<input id="{name}"[^>]*>', page).group()  # type: ignore[union-attr]
             assert 'autocapitalize="none"' in tag and 'spellcheck="false"' in tag, tag
-        assert re.search(r'<input id="(username|login)"[^>]*autocomplete="username"', page)
+        assert re.search(r'<input id="(username|login)"[^>]*autocomplete="username( webauthn)?"', page)
         toggles = re.findall(r'<button type="button" class="reveal secondary" data-reveal="(\w+)" '
                              r'aria-controls="\1" aria-pressed="false" hidden>Show', page)
         assert toggles, "a show/hide button beside each password (revealed by the script)"

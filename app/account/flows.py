@@ -21,6 +21,7 @@ from app.auth.flows import (
 )
 from app.auth.queries import Customer
 from app.database import transact
+from app.factors import Method, devices
 from app.mail import outbox
 from app.mail.outbox import MailKind
 from app.otp import Purpose
@@ -31,7 +32,7 @@ WRONG_PASSWORD = "That is not your current password."
 
 
 async def change_password(svc: Services, client: Client, customer: Customer, *, current: str,
-                          new: str) -> SignedIn | Refused:
+                          new: str, method: Method = Method.PASSWORD) -> SignedIn | Refused:
     """Needs the current password. Every other session ends; this browser gets a fresh one; the
     address is told."""
     full = await queries.find_customer(svc.db, login=customer.email)  # with its password hash
@@ -44,9 +45,10 @@ async def change_password(svc: Services, client: Client, customer: Customer, *, 
     async def work() -> SignedIn:
         await queries.set_password_hash(svc.db, customer.id, new_hash)
         await queries.revoke_all_now(svc.db, customer.id, now)
+        await devices.revoke_all(svc.db, customer_id=customer.id, now=now)  # a new password trusts no device
         version = await queries.session_version(svc.db, customer.id)
         assert version is not None
-        signed = await start_session(svc, customer.id, version, client, now)
+        signed = await start_session(svc, customer.id, version, client, now, method)
         await outbox.enqueue(svc.db, svc.sealer, kind=MailKind.PASSWORD_CHANGED, recipient=customer.email, now=now,
                              customer_id=customer.id,
                              context=notice_context(customer, client, now, reset=False,

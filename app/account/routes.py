@@ -10,6 +10,7 @@ from app.account import flows
 from app.auth import forms, queries, sessions
 from app.auth.flows import Refused
 from app.auth.routes import code_step_after_post, take_notice
+from app.factors import METHOD_WORDS, Method, backup_codes, factors_of
 from app.htmx import redirect
 from app.templating import render
 from app.web.guards import guarded, one_connection
@@ -29,7 +30,8 @@ async def dashboard(request: Request) -> Response:
         absolute=svc.settings.session_absolute_timeout,
     )
     ctx = {"customer": customer, "current_session": current.id, "sign_ins": sign_ins, "active": active,
-           "notice": take_notice(request)}
+           "notice": take_notice(request), "factors": await factors_of(svc.db, customer.id),
+           "warn_at": backup_codes.WARN_AT, "method_words": METHOD_WORDS}
     return render(request, "account/dashboard.html", ctx)
 
 
@@ -57,7 +59,8 @@ async def change_password(request: Request) -> Response:
     form = forms.change_password(data, email=customer.email, username=customer.username or "")
     if form.ok:
         result = await flows.change_password(services(request), client_of(request), customer,
-                                             current=str(data["current_password"]), new=str(data["new_password"]))
+                                             current=str(data["current_password"]), new=str(data["new_password"]),
+                                             method=Method(signed[0].method))
         if not isinstance(result, Refused):
             sessions.signed_in(request, result)
             cookie_of(request).notice = "password-changed"

@@ -17,6 +17,7 @@ from app.audit import Event
 from app.auth import forms, queries
 from app.auth.queries import Customer
 from app.database import INTEGRITY_ERRORS, transact
+from app.factors import Factors, Method, devices, factors_of
 from app.mail import describe, outbox
 from app.mail.outbox import MailKind
 from app.otp import Kind, Outcome, Purpose
@@ -59,6 +60,7 @@ class SignedIn:
     token: str
     customer_id: int
     auth_time: int
+    device_token: str | None = None  # "Don't ask again on this device": for the device cookie
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,30 @@ def notice_context(customer: Customer | None, client: Client, now: datetime, **e
 
 
 async def start_session(svc: Services, customer_id: int, session_version: int, client: Client,
-                        now: datetime) -> SignedIn:
-    """A new server-side session row (call inside the transaction of what signs the customer in)."""
+                        now: datetime, method: Method = Method.CODE, trust_device: bool = False) -> SignedIn:
+    """A new server-side session row (call inside the transaction of what signs the customer in),
+    recording how it was authenticated; `trust_device`: the second step is not asked again on
+    this device for TRUSTED_DEVICE_DAYS (a row the customer can revoke; its token for the cookie)."""
     sid = token()
     await queries.create_session(svc.db, session_hash=sha256_hex(sid), customer_id=customer_id,
-                                 version=session_version, ip=client.ip, user_agent=client.user_agent, now=now)
-    return SignedIn(sid, customer_id, int(now.timestamp()))
+                                 version=session_version, ip=client.ip, user_agent=client.user_agent, now=now,
+                                 method=method.value)
+    device = None
+    if trust_device:
+        device = await devices.trust(svc.db, customer_id=customer_id, label=describe.browser(client.user_agent),
+                                     ip=client.ip, now=now, days=svc.settings.trusted_device_days)
+        await audit.record(svc.db, Event.DEVICE_TRUSTED, customer_id=customer_id, ip=client.ip,
+                           user_agent=client.user_agent, now=now)
+    return SignedIn(sid, customer_id, int(now.timestamp()), device)
+
+
+async def trusted_device(svc: Services, customer_id: int, tokens: tuple[str, ...], now: datetime) -> bool:
+    """This browser holds a live trusted-device token of this customer (a shared browser may hold
+    several customers' tokens; only this customer's counts)."""
+    for value in tokens:
+        if await devices.recognised(svc.db, customer_id=customer_id, token=value, now=now) is not None:
+            return True
+    return False
 
 
 # --- codes and notices -------------------------------------------------------------------
@@ -459,38 +479,75 @@ async def check_account_password(svc: Services, client: Client, customer: Custom
     return True, (await hash_password(password) if rehash else None)
 
 
-async def sign_in(svc: Services, client: Client, *, login: str, password: str) -> Step | SignedIn | None:
-    """The password step. None: refused (unknown user, wrong password, or the account's own limit
-    reached: all answered alike)."""
+async def sign_in(svc: Services, client: Client, *, login: str, password: str,
+                  device_tokens: tuple[str, ...] = ()) -> Step | SignedIn | None:
+    """The password step, then the one second-step policy (second_step). None: refused (unknown
+    user, wrong password, or the account's own limit reached: all answered alike)."""
     db = svc.db
     customer = await queries.find_customer(db, login=login)
     ok, new_hash = await check_account_password(svc, client, customer, login, password)
     if not ok or customer is None:
         return None
     async with db.connection():
-        now = svc.clock.now()
         if new_hash is not None:
             await queries.set_password_hash(db, customer.id, new_hash)
-        purpose = code_needed(customer)
-        if purpose is None:
-            async def work() -> SignedIn:
-                signed = await start_session(svc, customer.id, customer.session_version, client, now)
-                await audit.record(db, Event.SIGNED_IN, customer_id=customer.id, ip=client.ip,
-                                   user_agent=client.user_agent, now=now)
-                return signed
+        return await second_step(svc, client, customer, device_tokens=device_tokens)
 
-            return await transact(db, work)
-        nonce = secrets.token_urlsafe(24)
-        if purpose is Purpose.LOGIN and customer.signin_paused_until and customer.signin_paused_until > now:
-            # "Not you?" paused sign-in codes: none goes out; the step says until when.
-            paused = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
-                                        purpose=purpose, nonce=nonce, sent_to=shown_address(purpose, customer.email),
-                                        kind=Kind.PLACEHOLDER)
-            return Step(paused, nonce, purpose, (customer.id, customer.session_version))
-        step = await send_code(svc, customer, purpose=purpose, nonce=nonce, client=client)
-        # A registration code (an address not yet proven) takes the full path, where its claim is applied.
-        owner = (customer.id, customer.session_version) if purpose is Purpose.LOGIN else None
-        return Step(step.challenge_id, step.nonce, purpose, owner, step.reused)
+
+def factor_needed(customer: Customer, factors: Factors, now: datetime) -> bool:
+    """An authenticator app or a passkey: the second step asks for one of them (or a backup code),
+    never an emailed code, unless shop staff let this customer in with the emailed code for a
+    while after they lost every factor."""
+    bypass = customer.factor_bypass_until is not None and customer.factor_bypass_until > now
+    return factors.strong and not bypass
+
+
+async def second_step(svc: Services, client: Client, customer: Customer, *,
+                      device_tokens: tuple[str, ...] = ()) -> Step | SignedIn:
+    """The one second-step policy, for every way in that proved the password (and, later, any
+    other first factor): a sign-up confirms its address first; a customer with an app or a
+    passkey answers one of them (or a backup code), never an emailed code; otherwise an emailed
+    code when codes are on; a device the customer trusts skips the second step, never the first."""
+    db, now = svc.db, svc.clock.now()
+    purpose = code_needed(customer)
+    if purpose is Purpose.REGISTRATION:
+        step = await send_code(svc, customer, purpose=purpose, nonce=secrets.token_urlsafe(24), client=client)
+        return Step(step.challenge_id, step.nonce, purpose, None, step.reused)
+    strong = factor_needed(customer, await factors_of(db, customer.id), now)
+    method = None
+    if purpose is None and not strong:
+        method = Method.PASSWORD
+    elif device_tokens and await trusted_device(svc, customer.id, device_tokens, now):
+        method = Method.DEVICE
+    if method is not None:
+        async def work() -> SignedIn:
+            signed = await start_session(svc, customer.id, customer.session_version, client, now, method)
+            await audit.record(db, Event.SIGNED_IN, customer_id=customer.id, ip=client.ip,
+                               user_agent=client.user_agent, now=now)
+            return signed
+
+        return await transact(db, work)
+    nonce = secrets.token_urlsafe(24)
+    if strong:
+        return await factor_step(svc, customer, purpose=Purpose.LOGIN, nonce=nonce)
+    if customer.signin_paused_until and customer.signin_paused_until > now:
+        # "Not you?" paused sign-in codes: none goes out; the step says until when.
+        paused = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=now, customer_id=customer.id,
+                                    purpose=Purpose.LOGIN, nonce=nonce,
+                                    sent_to=shown_address(Purpose.LOGIN, customer.email), kind=Kind.PLACEHOLDER)
+        return Step(paused, nonce, Purpose.LOGIN, (customer.id, customer.session_version))
+    step = await send_code(svc, customer, purpose=Purpose.LOGIN, nonce=nonce, client=client)
+    return Step(step.challenge_id, step.nonce, Purpose.LOGIN, (customer.id, customer.session_version), step.reused)
+
+
+async def factor_step(svc: Services, customer: Customer, *, purpose: Purpose, nonce: str) -> Step:
+    """A second step answered by the customer's app, a passkey or a backup code (Kind.FACTOR):
+    bound to the pending session, with the same budget, failure count and lockout as a code, and
+    no code: nothing is mailed, and no mailed code completes it."""
+    challenge_id = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=svc.clock.now(),
+                                      customer_id=customer.id, purpose=purpose, nonce=nonce, sent_to="",
+                                      kind=Kind.FACTOR)
+    return Step(challenge_id, nonce, purpose)
 
 
 # --- the code step -----------------------------------------------------------------------
@@ -505,6 +562,7 @@ async def load(svc: Services, step: Step) -> otp.Challenge | None:
 class CodeResult:
     signed_in: SignedIn | None = None
     reset_ready: bool = False  # a reset code was right: the customer may choose a new password
+    next_step: Step | None = None  # the code was right, and a factor is asked next (a reset)
     email_changed: str | None = None  # the new address, now the account's
     deleted: bool = False
     challenge: otp.Challenge | None = None  # None (and nothing done): the step is gone
@@ -513,7 +571,7 @@ class CodeResult:
 
 
 async def submit_code(svc: Services, client: Client, step: Step, code: str | None, problem: str | None,
-                      *, signed_in_as: int | None = None) -> CodeResult:
+                      *, signed_in_as: int | None = None, trust_device: bool = False) -> CodeResult:
     """One entry at the code step. A right code and everything it starts (a session, a changed
     address, a deleted account) happen in one transaction: a failure between them leaves the code
     unused. `signed_in_as`: the customer of the session this step runs in (a change of address
@@ -529,7 +587,7 @@ async def submit_code(svc: Services, client: Client, step: Step, code: str | Non
             if check is not otp.FastCheck.USED:
                 return check
             await otp.succeeded(db, customer_id, now)
-            signed = await start_session(svc, customer_id, version, client, now)
+            signed = await start_session(svc, customer_id, version, client, now, Method.CODE, trust_device)
             await audit.record(db, Event.VERIFIED, Event.SIGNED_IN, customer_id=customer_id, ip=client.ip,
                                user_agent=client.user_agent, now=now)
             return signed
@@ -553,7 +611,8 @@ async def submit_code(svc: Services, client: Client, step: Step, code: str | Non
                                    counted=counted)
         if verdict.status is not Outcome.VERIFIED or verdict.customer_id is None:
             return CodeResult(challenge=challenge, verdict=verdict)
-        return await _finish(svc, client, challenge, verdict.customer_id, now)
+        return await _finish(svc, client, challenge, verdict.customer_id, now, trust_device=trust_device,
+                             nonce=step.nonce)
 
     try:
         result = await transact(db, full)
@@ -581,7 +640,7 @@ class _ClaimLost(Exception):
 
 
 async def _finish(svc: Services, client: Client, challenge: otp.Challenge, customer_id: int,
-                  now: datetime) -> CodeResult:
+                  now: datetime, *, trust_device: bool = False, nonce: str = "") -> CodeResult:
     """What a right code of each purpose does (inside the code's transaction)."""
     db, purpose = svc.db, challenge.purpose
     record = {"customer_id": customer_id, "ip": client.ip, "user_agent": client.user_agent, "now": now}
@@ -611,6 +670,11 @@ async def _finish(svc: Services, client: Client, challenge: otp.Challenge, custo
         # customer's failure count and lockout stay as they were: a reset lifts neither.
         await otp.proved(db, challenge, now)
         await audit.record(db, Event.VERIFIED, **record)  # type: ignore[arg-type]
+        customer = await queries.get_customer(db, customer_id)
+        if customer is not None and factor_needed(customer, await factors_of(db, customer_id), now):
+            # The mailbox alone is not enough for a customer with an app or a passkey: one of
+            # them (or a backup code) next, in this same pending session.
+            return CodeResult(next_step=await factor_step(svc, customer, purpose=Purpose.RESET, nonce=nonce))
         return CodeResult(reset_ready=True)
     if challenge.claim is not None:
         details = svc.claims.open(challenge.claim)
@@ -619,7 +683,7 @@ async def _finish(svc: Services, client: Client, challenge: otp.Challenge, custo
                                          full_name=details["full_name"], password_hash=details["password_hash"]):
             raise _ClaimLost
     await otp.proved(db, challenge, now)
-    signed = await start_session(svc, customer_id, challenge.session_version, client, now)
+    signed = await start_session(svc, customer_id, challenge.session_version, client, now, Method.CODE, trust_device)
     await audit.record(db, Event.VERIFIED, Event.SIGNED_IN, **record)  # type: ignore[arg-type]
     return CodeResult(signed_in=signed)
 
@@ -630,6 +694,7 @@ class ResendResult:
     new_challenge_id: int | None = None
     wait: int = 0  # inside the cooldown: seconds left
     locked: bool = False
+    factor: bool = False  # a factor step: no code is ever mailed for it
 
 
 async def resend(svc: Services, client: Client, step: Step, *, signed_in_as: int | None = None) -> ResendResult:
@@ -644,6 +709,8 @@ async def resend(svc: Services, client: Client, step: Step, *, signed_in_as: int
     now = svc.clock.now()
     if challenge.locked_until and challenge.locked_until > now:
         return ResendResult(challenge, locked=True)
+    if challenge.kind is Kind.FACTOR:
+        return ResendResult(challenge, factor=True)  # nothing to mail: it is answered by a factor
     try:
         if not challenge.proven:
             return await _resend_unproven(svc, client, step, challenge, now)

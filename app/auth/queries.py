@@ -29,6 +29,7 @@ class Customer:
     source: str = SHOP
     signin_paused_until: datetime | None = None
     otp_locked_until: datetime | None = None
+    factor_bypass_until: datetime | None = None  # staff let the emailed code count until then
 
 
 _COLS = (
@@ -43,6 +44,7 @@ _COLS = (
     customers.c.source,
     customers.c.signin_paused_until,
     customers.c.otp_locked_until,
+    customers.c.factor_bypass_until,
 )
 
 
@@ -61,6 +63,7 @@ def _customer(rec: Any) -> Customer | None:
         source=rec.source,
         signin_paused_until=rec.signin_paused_until,
         otp_locked_until=getattr(rec, "otp_locked_until", None),
+        factor_bypass_until=getattr(rec, "factor_bypass_until", None),
     )
 
 
@@ -194,25 +197,42 @@ class SessionRow:
     last_seen_at: datetime
     ip: str
     user_agent: str
+    method: str = "password"  # app.factors.Method: how it was authenticated
+    authenticated_at: datetime | None = None  # the last proof of the password or a factor in it
 
 
 _CREATE_SESSION = sql.Query(
     auth_sessions.insert(),
-    columns=("id", "customer_id", "session_version", "created_at", "last_seen_at", "ip", "user_agent"),
+    columns=("id", "customer_id", "session_version", "created_at", "last_seen_at", "ip", "user_agent", "method",
+             "authenticated_at"),
 )
 
 
 async def create_session(
-    db: Database, *, session_hash: str, customer_id: int, version: int, ip: str, user_agent: str, now: datetime
+    db: Database, *, session_hash: str, customer_id: int, version: int, ip: str, user_agent: str, now: datetime,
+    method: str = "password",
 ) -> None:
     await sql.execute(db, _CREATE_SESSION, id=session_hash, customer_id=customer_id, session_version=version,
-                      created_at=now, last_seen_at=now, ip=ip[:45], user_agent=user_agent[:255])
+                      created_at=now, last_seen_at=now, ip=ip[:45], user_agent=user_agent[:255], method=method,
+                      authenticated_at=now)
+
+
+_REAUTHENTICATED = sql.Query(
+    auth_sessions.update().where(auth_sessions.c.id == sa.bindparam("sid"), auth_sessions.c.revoked_at.is_(None))
+    .values(authenticated_at=sa.bindparam("now"))
+)
+
+
+async def reauthenticated(db: Database, session_hash: str, now: datetime) -> bool:
+    """The customer proved the password (or a factor) again in this session."""
+    return bool(await sql.execute(db, _REAUTHENTICATED, sid=session_hash, now=now))
 
 
 _LOAD_SESSION = sql.Query(
     sa.select(
         auth_sessions.c.id.label("sid"), auth_sessions.c.created_at, auth_sessions.c.last_seen_at, auth_sessions.c.ip,
-        auth_sessions.c.user_agent, auth_sessions.c.session_version.label("sv"),
+        auth_sessions.c.user_agent, auth_sessions.c.session_version.label("sv"), auth_sessions.c.method,
+        auth_sessions.c.authenticated_at,
         # Every signed-in page loads this: not the password hash, which no such page needs.
         *(col for col in _COLS if col is not customers.c.password_hash),
     )
@@ -232,7 +252,8 @@ async def load_session(
         return None
     customer = _customer(rec)
     assert customer is not None
-    return SessionRow(rec.sid, customer.id, rec.created_at, rec.last_seen_at, rec.ip, rec.user_agent), customer
+    return SessionRow(rec.sid, customer.id, rec.created_at, rec.last_seen_at, rec.ip, rec.user_agent, rec.method,
+                      rec.authenticated_at or rec.created_at), customer
 
 
 _TOUCH = sql.Query(
@@ -348,7 +369,7 @@ def _dashboard_query() -> sql.Query:
     s, e = auth_sessions, auth_events
     active = (
         sa.select(sa.literal_column("'session'").label("kind"), s.c.id, s.c.created_at, s.c.last_seen_at, s.c.ip,
-                  s.c.user_agent)
+                  s.c.user_agent, s.c.method)
         .where(
             s.c.customer_id == sa.bindparam("cid"),
             s.c.revoked_at.is_(None),
@@ -361,7 +382,7 @@ def _dashboard_query() -> sql.Query:
     )
     sign_ins = (
         sa.select(sa.literal_column("'sign_in'").label("kind"), sa.literal_column("''").label("id"), e.c.created_at,
-                  e.c.created_at.label("last_seen_at"), e.c.ip, e.c.user_agent)
+                  e.c.created_at.label("last_seen_at"), e.c.ip, e.c.user_agent, sa.literal_column("''").label("method"))
         .where(e.c.customer_id == sa.bindparam("cid"), e.c.event == "signed_in")
         .order_by(e.c.created_at.desc())
         .limit(5)
@@ -379,7 +400,7 @@ async def dashboard_lists(
     """(active sessions, newest use first; last sign-ins, newest first)."""
     rows = await sql.fetch_all(db, _DASHBOARD, cid=customer_id, seen_after=now - timedelta(seconds=idle),
                                created_after=now - timedelta(seconds=absolute))
-    active = sorted((SessionRow(r.id, customer_id, r.created_at, r.last_seen_at, r.ip, r.user_agent)
+    active = sorted((SessionRow(r.id, customer_id, r.created_at, r.last_seen_at, r.ip, r.user_agent, r.method)
                      for r in rows if r.kind == "session"), key=lambda x: x.last_seen_at, reverse=True)
     sign_ins = sorted(({"created_at": r.created_at, "ip": r.ip, "user_agent": r.user_agent}
                        for r in rows if r.kind == "sign_in"), key=lambda x: x["created_at"], reverse=True)

@@ -10,12 +10,22 @@ from datetime import datetime
 from app import audit, otp
 from app.audit import Event
 from app.auth import queries
-from app.auth.flows import SignedIn, Step, code_needed, load, notice_context, start_session, unproven_step
+from app.auth.flows import (
+    SignedIn,
+    Step,
+    code_needed,
+    factor_needed,
+    load,
+    notice_context,
+    start_session,
+    unproven_step,
+)
 from app.auth.queries import Customer
 from app.database import transact
+from app.factors import Method, devices, factors_of
 from app.mail import outbox
 from app.mail.outbox import MailKind
-from app.otp import Purpose
+from app.otp import Kind, Purpose
 from app.security.passwords import hash_password
 from app.services import Client, Services
 
@@ -42,7 +52,13 @@ async def reset_customer(svc: Services, step: Step) -> Customer | None:
     if (challenge is None or challenge.used_at is None or challenge.invalidated_at is not None
             or (now - challenge.used_at).total_seconds() > svc.policy.ttl(Purpose.RESET)):
         return None
-    return await queries.get_customer(svc.db, challenge.customer_id)
+    customer = await queries.get_customer(svc.db, challenge.customer_id)
+    # A customer with an app or a passkey proved one of them too (the step is the factor's, which
+    # only follows a right reset code): the mailbox alone never resets such an account.
+    if (customer is not None and challenge.kind is not Kind.FACTOR
+            and factor_needed(customer, await factors_of(svc.db, customer.id), now)):
+        return None
+    return customer
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,7 @@ async def set_new_password(svc: Services, client: Client, step: Step, *,
             return None  # used already (another tab), or too old
         await queries.set_password_hash(svc.db, customer.id, new_hash)
         await queries.revoke_all_now(svc.db, customer.id, now)
+        await devices.revoke_all(svc.db, customer_id=customer.id, now=now)  # a new password trusts no device
         version = await queries.session_version(svc.db, customer.id)
         assert version is not None
         locked = customer.otp_locked_until
@@ -77,7 +94,7 @@ async def set_new_password(svc: Services, client: Client, step: Step, *,
         if locked is not None and locked > now and code_needed(customer) is not None:
             signed = StillLocked(locked)
         else:
-            signed = await start_session(svc, customer.id, version, client, now)
+            signed = await start_session(svc, customer.id, version, client, now, Method.RESET)
         await outbox.enqueue(svc.db, svc.sealer, kind=MailKind.PASSWORD_CHANGED, recipient=customer.email, now=now,
                              customer_id=customer.id,
                              context=notice_context(customer, client, now, reset=True,

@@ -11,12 +11,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app import otp
-from app.auth import flows, forms, recovery, sessions
+from app.auth import factor_routes, factor_step, flows, forms, recovery, sessions
 from app.auth.flows import Refused, SignedIn, Step
 from app.htmx import redirect, wants_fragment
 from app.mail.outbox import MailStatus
 from app.otp import Kind, Outcome, Purpose
 from app.templating import render
+from app.web.devices import device_tokens, remember_device
 from app.web.guards import guarded, one_connection, signing_out
 from app.web.request import client_of, services
 from app.web.session import cookie_of
@@ -119,7 +120,7 @@ async def login_submit(request: Request) -> Response:
     if not form.ok:
         return render(request, "auth/login.html", {"form": form}, status=422)
     result = await flows.sign_in(services(request), client_of(request), login=form.values["login"],
-                                 password=str(data["password"]))
+                                 password=str(data["password"]), device_tokens=device_tokens(request))
     if result is None:
         form.errors["form"] = WRONG_LOGIN
         return render(request, "auth/login.html", {"form": form}, status=422)
@@ -222,6 +223,9 @@ def _step_context(request: Request, challenge: otp.Challenge, **extra: Any) -> d
         # Still not out after this long: say so, and what to do (the mail server may be down).
         "delayed": state in (MailStatus.QUEUED, MailStatus.SENDING) and age >= MAIL_DELAYED_AFTER,
         "placeholder": placeholder,
+        # "Don't ask again on this device": offered where the code is the second step of a sign-in.
+        "offer_trust": challenge.purpose is Purpose.LOGIN and challenge.proven and svc.settings.trusted_device_days > 0,
+        "trust_days": svc.settings.trusted_device_days,
         "error": None,
         "notice": None,
         "announce": False,
@@ -239,6 +243,14 @@ async def code_step_after_post(request: Request, step: Step) -> Response:
     challenge = await flows.load(services(request), step)
     if challenge is None:  # ended at once (another request of this customer's): start again
         return _gone(request)
+    headers = {"HX-Push-Url": "/verify", "HX-Retarget": "#main", "HX-Reswap": "innerHTML show:window:top"}
+    if challenge.kind is Kind.FACTOR:
+        found = await factor_step.pending(services(request), step)
+        if found is None:
+            return _gone(request)
+        response = factor_routes.factor_page(request, found)
+        response.headers.update(headers)
+        return response
     ctx = _step_context(request, challenge, announce=True, notice=NOTICES["reused"] if step.reused else None)
     # The step replaces the whole of <main>, whichever part of a page the form swapped.
     return render(request, "auth/verify.html", ctx, headers={"HX-Push-Url": "/verify", "HX-Retarget": "#main",
@@ -280,6 +292,9 @@ async def verify_form(request: Request) -> Response:
         return await _signed_in_elsewhere(request) or _gone(request)
     if step.purpose in (Purpose.EMAIL, Purpose.DELETE) and await _signed_in_as(request, step) != challenge.customer_id:
         return _gone(request)
+    if challenge.kind is Kind.FACTOR:
+        found = await factor_step.pending(svc, step)
+        return factor_routes.factor_page(request, found) if found else _gone(request)
     return render(request, "auth/verify.html", _step_context(request, challenge, notice=take_notice(request)))
 
 
@@ -296,9 +311,13 @@ async def verify_submit(request: Request) -> Response:
     step = sessions.pending_step(request)
     if step is None:
         return redirect(request, "/login")
-    code, problem = forms.code(dict(await request.form()))
+    if step.owner is None and await factor_step.pending(services(request), step) is not None:
+        return await factor_routes.answer_app(request)  # a factor step: six digits are the app's
+    data = dict(await request.form())
+    code, problem = forms.code(data)
     result = await flows.submit_code(services(request), client_of(request), step, code, problem,
-                                     signed_in_as=await _signed_in_as(request, step))
+                                     signed_in_as=await _signed_in_as(request, step),
+                                     trust_device=str(data.get("trust_device", "")) in ("1", "on"))
     return _after_code(request, result)
 
 
@@ -306,9 +325,12 @@ def _after_code(request: Request, result: flows.CodeResult) -> Response:
     """What a code entry (typed, or from the mail's link) leads to."""
     if result.signed_in is not None:
         sessions.signed_in(request, result.signed_in)
-        return redirect(request, "/dashboard")
+        return remember_device(request, redirect(request, "/dashboard"), result.signed_in.device_token)
     if result.reset_ready:
         return redirect(request, "/password/new")
+    if result.next_step is not None:  # the code was right; a factor is asked next
+        sessions.set_pending_challenge(request, result.next_step.challenge_id)
+        return redirect(request, "/verify")
     if result.email_changed is not None:
         sessions.drop_pending(request)
         cookie_of(request).notice = "email-changed"
@@ -347,6 +369,8 @@ async def resend(request: Request) -> Response:
               if step else flows.ResendResult())
     if result.challenge is None:
         return _gone(request)
+    if result.factor:  # nothing is mailed for a factor step
+        return redirect(request, "/verify")
     if result.locked:
         return render(request, "auth/verify.html", _step_context(request, result.challenge), status=422)
     if result.wait:
@@ -369,7 +393,7 @@ async def delivery(request: Request) -> Response:
     """The mail's delivery state, polled by the code step while it is not final."""
     step = sessions.pending_step(request)
     challenge = await flows.load(services(request), step) if step else None
-    if challenge is None:
+    if challenge is None or challenge.kind is Kind.FACTOR:
         return Response(status_code=204)
     return render(request, "auth/verify.html", _step_context(request, challenge), block="delivery", fragment=True)
 

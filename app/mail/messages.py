@@ -29,6 +29,10 @@ SUBJECTS = {
     "email_changed": "Your Computer Shop email address was changed",
     "address_in_use": "Someone tried to use your email address",
     "account_deleted": "Your Computer Shop account was deleted",
+    "factor_added": "A new way to sign in was added to your Computer Shop account",
+    "factor_removed": "A way to sign in was removed from your Computer Shop account",
+    "backup_codes_created": "New Computer Shop backup codes were made",
+    "backup_code_used": "A Computer Shop backup code was used",
 }
 
 html_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)

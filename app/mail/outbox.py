@@ -45,6 +45,10 @@ class MailKind(StrEnum):
     EMAIL_CHANGED = "email_changed"
     ADDRESS_IN_USE = "address_in_use"
     ACCOUNT_DELETED = "account_deleted"
+    FACTOR_ADDED = "factor_added"
+    FACTOR_REMOVED = "factor_removed"
+    BACKUP_CODES_CREATED = "backup_codes_created"
+    BACKUP_CODE_USED = "backup_code_used"
 
 
 CODE_KINDS = frozenset({MailKind.REGISTRATION_CODE, MailKind.LOGIN_CODE, MailKind.RESET_CODE, MailKind.EMAIL_CODE,

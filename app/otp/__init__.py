@@ -33,6 +33,7 @@ from app.otp.engine import (
     take_cooldown,
     use_code,
     verify,
+    verify_factor,
 )
 
 __all__ = [
@@ -68,4 +69,5 @@ __all__ = [
     "take_cooldown",
     "use_code",
     "verify",
+    "verify_factor",
 ]

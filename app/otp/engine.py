@@ -8,6 +8,7 @@ import contextlib
 import hmac
 import math
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -31,6 +32,9 @@ class Kind(StrEnum):
     CODE = "code"
     PLACEHOLDER = "placeholder"
     DECOY = "decoy"
+    # A second step answered by a factor (an authenticator app, a passkey, a backup code), never
+    # by a mailed code: it has none, gets none, and shares the budget, failure count and lockout.
+    FACTOR = "factor"
 
 
 class Purpose(StrEnum):
@@ -257,7 +261,8 @@ _INSERT_CODE = sql.Query(
 # A resend: the step's newest code is this one now (a placeholder becomes a real step). Only
 # while the step is open: a used or ended step gets no more codes.
 _NEXT_CODE = sql.Query(
-    o.update().where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None))
+    o.update().where(o.c.id == sa.bindparam("cid"), o.c.used_at.is_(None), o.c.invalidated_at.is_(None),
+                     o.c.kind != Kind.FACTOR.value)
     .values(expires_at=sa.bindparam("expires"), last_code_at=sa.bindparam("now"), kind=Kind.CODE.value,
             claim=sa.bindparam("new_claim"))
 )
@@ -576,7 +581,9 @@ async def load_challenge(db: Database, *, keys: Keys, challenge_id: int, nonce: 
     proven = bool(rec.proven)
     # A proven step is held up by the customer's lockout (and a sign-in by "Not you?"); an
     # unproven one by its address's ledger only.
-    paused = rec.signin_paused_until if proven and rec.purpose == Purpose.LOGIN.value else None
+    # A factor step is not: a paused mail is no reason to refuse the customer's own app or passkey.
+    paused = (rec.signin_paused_until if proven and rec.purpose == Purpose.LOGIN.value and rec.kind != Kind.FACTOR.value
+              else None)
     return Challenge(
         id=rec.id,
         customer_id=rec.customer_id,
@@ -806,6 +813,12 @@ async def verify(
     # This entry's count (exact unless the same session races itself, where it only
     # changes the "attempts left" wording; the guard above is what limits tries).
     code_left = max(0, policy.max_attempts - (challenge.attempts + (0 if counted else 1)))
+    return await _failure(db, policy=policy, now=now, challenge=challenge, code_left=code_left, matched=matched)
+
+
+async def _failure(db: Database, *, policy: OtpPolicy, now: datetime, challenge: Challenge, code_left: int,
+                   matched: Any) -> Verdict:
+    """A counted entry that did not verify: on the step's ledger, with the lockout it may earn."""
     # Failures across codes, sessions and workers; a resend never resets them. An unproven step
     # counts on its address's ledger, so a stranger cannot lock the owner out through it.
     ledger, row_id = _ledger(challenge)
@@ -827,3 +840,32 @@ async def verify(
     if left <= 0:
         return Verdict(Outcome.DEAD, customer_id=challenge.customer_id, checked=True)
     return Verdict(Outcome.WRONG, customer_id=challenge.customer_id, attempts_left=left, checked=True)
+
+
+async def verify_factor(
+    db: Database,
+    *,
+    policy: OtpPolicy,
+    now: datetime,
+    challenge: Challenge,
+    check: Callable[[], Awaitable[bool]],
+) -> Verdict:
+    """One answer at a factor step (Kind.FACTOR): held to the same rules as a code entry
+    (counted against the step's one budget before `check` runs, failures on the customer's count,
+    the same lockout), with `check` deciding instead of a mailed code. A VERIFIED verdict has
+    used the step: the caller finishes in the same transaction."""
+    if challenge.kind is not Kind.FACTOR or challenge.used_at is not None or challenge.invalidated_at is not None:
+        return Verdict(Outcome.INVALID)
+    if challenge.locked_until is not None and challenge.locked_until > now:
+        return Verdict(Outcome.LOCKED, locked_until=challenge.locked_until)
+    if challenge.expires_at <= now:
+        return Verdict(Outcome.EXPIRED)
+    if not await sql.execute(db, _COUNT, cid=challenge.id, max_attempts=policy.max_attempts):
+        ended = await sql.fetch_one(db, _ENDED, cid=challenge.id)
+        return Verdict(Outcome.INVALID if ended is not None else Outcome.DEAD)
+    if await check():
+        if not await sql.execute(db, _USE, cid=challenge.id, now=now):
+            return Verdict(Outcome.INVALID)
+        return Verdict(Outcome.VERIFIED, customer_id=challenge.customer_id)
+    return await _failure(db, policy=policy, now=now, challenge=challenge, code_left=max(
+        0, policy.max_attempts - (challenge.attempts + 1)), matched=None)

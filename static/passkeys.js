@@ -1,0 +1,175 @@
+// Passkeys in the browser, with @simplewebauthn/browser (static/vendor, global SimpleWebAuthnBrowser).
+// Driven by data attributes, so the templates hold no script (the CSP forbids inline script):
+//   [data-needs-webauthn]  shown only where passkeys work;  [data-no-webauthn]  hidden there.
+//   <button data-passkey-action="register|authenticate" data-options-url data-verify-url
+//           [data-label-input="id of the label input"]>
+//   [data-passkey-autofill data-options-url data-verify-url]  sign in from the username field's
+//           autofill list (conditional UI) when an input whose autocomplete ends in "webauthn"
+//           ("username webauthn", as @simplewebauthn/browser requires) is on the page.
+//   [data-passkey-error role="alert" hidden]  where a refusal is shown.
+// The server answers each POST with JSON: {"redirect": url}, {"post": url} or {"error": message};
+// the options URL answers with the options themselves (or {"error": message}).
+(function () {
+  "use strict";
+
+  var lib = window.SimpleWebAuthnBrowser;
+  var CANCELLED = "The passkey was not used. You can try again or choose another way.";
+  var EXISTS = "This device already has a passkey for your account. There is no need to add it again.";
+  var FAILED = "Passkeys did not work this time. You can try again or choose another way.";
+  var TOO_MANY = "Too many attempts. Please wait a minute and try again.";
+  var autofillPending = false;
+
+  function csrfToken(el) {
+    var form = el && el.closest ? el.closest("form") : null;
+    var input = (form && form.querySelector("input[name=csrf_token]")) ||
+      document.querySelector("input[name=csrf_token]");
+    if (input) return input.value;
+    try {  // the token htmx sends (base.html puts it on <body hx-headers>)
+      return JSON.parse(document.body.getAttribute("hx-headers") || "{}")["X-CSRF-Token"] || "";
+    } catch (e) {
+      return "";
+    }
+  }
+
+  async function postJSON(url, body, el) {
+    var response = await fetch(url, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "Accept": "application/json", "X-CSRF-Token": csrfToken(el) },
+      body: JSON.stringify(body)
+    });
+    try {
+      return await response.json();
+    } catch (e) {  // an error page, not an answer of ours
+      return { error: response.status === 429 ? TOO_MANY : FAILED };
+    }
+  }
+
+  function errorBox(el) {
+    var scope = el.closest("form") || el.closest("section");
+    return (scope && scope.querySelector("[data-passkey-error]")) || document.querySelector("[data-passkey-error]");
+  }
+
+  function showError(el, message) {
+    var box = errorBox(el);
+    if (!box) return;
+    box.textContent = "";
+    box.hidden = false;
+    // Set after a tick, so that the same message again is spoken again.
+    window.setTimeout(function () { box.textContent = message; }, 50);
+  }
+
+  function clearError(el) {
+    var box = errorBox(el);
+    if (box) { box.textContent = ""; box.hidden = true; }
+  }
+
+  function postForm(url, el) {
+    var form = document.createElement("form");
+    form.method = "post";
+    form.action = url;
+    form.hidden = true;
+    var input = document.createElement("input");
+    input.type = "hidden";
+    input.name = "csrf_token";
+    input.value = csrfToken(el);
+    form.appendChild(input);
+    document.body.appendChild(form);
+    form.submit();
+  }
+
+  // What the server said after the verify POST. True: the page is going away.
+  function follow(reply, el) {
+    if (reply && reply.redirect) { window.location.assign(reply.redirect); return true; }
+    if (reply && reply.post) { postForm(reply.post, el); return true; }
+    showError(el, (reply && reply.error) || FAILED);
+    return false;
+  }
+
+  function browserMessage(error) {
+    var name = error && error.name;
+    if (name === "NotAllowedError") return CANCELLED;  // cancelled, timed out, or no passkey chosen
+    if (name === "InvalidStateError") return EXISTS;  // an excluded credential: registered already
+    return FAILED;
+  }
+
+  async function ceremony(el, action, label) {
+    var options = await postJSON(el.getAttribute("data-options-url"), action === "register" ? { label: label } : {}, el);
+    if (options.error) return follow(options, el);
+    var optionsJSON = options.options || options;
+    var credential;
+    try {
+      credential = action === "register"
+        ? await lib.startRegistration({ optionsJSON: optionsJSON })
+        : await lib.startAuthentication({ optionsJSON: optionsJSON });
+    } catch (error) {
+      if (error && error.name === "AbortError") return false;  // a newer ceremony took over
+      showError(el, browserMessage(error));
+      return false;
+    }
+    var body = { response: credential };
+    if (action === "register") body.label = label;
+    return follow(await postJSON(el.getAttribute("data-verify-url"), body, el), el);
+  }
+
+  async function onClick(event) {
+    var button = event.target.closest ? event.target.closest("[data-passkey-action]") : null;
+    if (!button || !lib) return;
+    event.preventDefault();
+    if (button.disabled) return;
+    var action = button.getAttribute("data-passkey-action");
+    var labelInput = button.getAttribute("data-label-input");
+    var label = labelInput && document.getElementById(labelInput) ? document.getElementById(labelInput).value : "";
+    if (autofillPending) lib.WebAuthnAbortService.cancelCeremony();  // the visible button wins over autofill
+    clearError(button);
+    button.disabled = true;
+    button.setAttribute("aria-busy", "true");
+    var leaving = false;
+    try {
+      leaving = await ceremony(button, action === "register" ? "register" : "authenticate", label);
+    } catch (error) {  // the network, mostly
+      showError(button, FAILED);
+    } finally {
+      button.removeAttribute("aria-busy");
+      if (!leaving) button.disabled = false;  // the page is going away: no second ceremony meanwhile
+    }
+  }
+
+  // Conditional UI: the passkeys show in the username field's autofill list; one attempt per page.
+  async function startAutofill() {
+    var el = document.querySelector("[data-passkey-autofill]");
+    if (!el || el.getAttribute("data-started") || !document.querySelector('input[autocomplete$="webauthn"]')) return;
+    el.setAttribute("data-started", "1");
+    try {
+      if (!(await lib.browserSupportsWebAuthnAutofill())) return;
+      var options = await postJSON(el.getAttribute("data-options-url"), {}, el);
+      if (options.error) { console.debug("passkey autofill: no options", options.error); return; }
+      autofillPending = true;
+      var credential;
+      try {
+        credential = await lib.startAuthentication({ optionsJSON: options.options || options, useBrowserAutofill: true });
+      } finally {
+        autofillPending = false;
+      }
+      follow(await postJSON(el.getAttribute("data-verify-url"), { response: credential }, el), el);
+    } catch (error) {
+      console.debug("passkey autofill did not complete", error);
+    }
+  }
+
+  function setup(root) {
+    if (!lib || !lib.browserSupportsWebAuthn()) return;
+    root.querySelectorAll("[data-needs-webauthn]").forEach(function (el) { el.hidden = false; });
+    root.querySelectorAll("[data-no-webauthn]").forEach(function (el) { el.hidden = true; });
+  }
+
+  function onLoad() {
+    setup(document);
+    if (lib && lib.browserSupportsWebAuthn()) startAutofill();
+  }
+
+  document.addEventListener("click", onClick);
+  document.addEventListener("htmx:afterSettle", function () { setup(document); });
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", onLoad);
+  else onLoad();
+})();

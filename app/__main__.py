@@ -1,4 +1,5 @@
-"""python -m app [serve] [--host H] [--port P] | migrate | otp enable|disable (--email A | --all) | otp cleanup"""
+"""python -m app [serve] [--host H] [--port P] | migrate | otp enable|disable (--email A | --all) | otp cleanup
+| factors bypass --email A --hours H --reason R | factors reseal"""
 
 from __future__ import annotations
 
@@ -26,7 +27,43 @@ def _parser() -> argparse.ArgumentParser:
         who.add_argument("--email")
         who.add_argument("--all", action="store_true")
     otp_sub.add_parser("cleanup", help="delete expired and used codes now")
+    factors = sub.add_parser("factors", help="ways to sign in: staff help, key rotation")
+    f_sub = factors.add_subparsers(dest="factors_command", required=True)
+    bypass = f_sub.add_parser("bypass", help="let a customer who lost every factor in with the emailed code for a while")
+    bypass.add_argument("--email", required=True)
+    bypass.add_argument("--hours", type=int, default=24)
+    bypass.add_argument("--reason", required=True, help="what was checked, for the audit log")
+    bypass.add_argument("--staff", default="cli", help="who grants it")
+    f_sub.add_parser("reseal", help="re-seal authenticator-app secrets under the current SECRET_KEY")
     return parser
+
+
+async def _factors(args: argparse.Namespace) -> int:
+    from app.clock import SystemClock
+    from app.database import make_database
+    from app.factors import FactorKeys, bypass, totp
+
+    settings = load_settings()
+    db = make_database(settings)
+    await db.connect()
+    try:
+        if args.factors_command == "bypass":
+            try:
+                done = await bypass.grant(db, now=SystemClock().now(), email=args.email, hours=args.hours,
+                                          reason=args.reason, staff=args.staff)
+            except ValueError as exc:
+                print(f"Nothing changed: {exc}.", file=sys.stderr)
+                return 2
+            if not done:
+                print(f"No customer has the email {args.email}: nothing changed.", file=sys.stderr)
+                return 1
+            print(f"For {args.hours} h, an emailed code completes {args.email}'s second step (audited).")
+        else:
+            count = await totp.reseal(db, FactorKeys.from_secret(settings.secret_key, settings.secret_key_fallbacks))
+            print(f"Re-sealed {count} authenticator-app secret(s) under the current key.")
+    finally:
+        await db.disconnect()
+    return 0
 
 
 async def _otp(args: argparse.Namespace) -> int:
@@ -73,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "otp":
         return asyncio.run(_otp(args))
+    if args.command == "factors":
+        return asyncio.run(_factors(args))
     if settings.is_development and settings.is_sqlite:
         from app.database import migrate
 

@@ -300,7 +300,8 @@ def _parse_answer(response_json: str) -> tuple[dict[str, Any], bytes]:
         answer = json.loads(response_json)
         client_data = json.loads(base64url_to_bytes(answer["response"]["clientDataJSON"]))
         challenge = base64url_to_bytes(client_data["challenge"])
-    except (ValueError, TypeError, KeyError, RecursionError, binascii.Error) as exc:  # JSON and UTF-8 errors are ValueErrors
+    # JSON and UTF-8 errors are ValueErrors; a deeply nested document is a RecursionError.
+    except (ValueError, TypeError, KeyError, RecursionError, binascii.Error) as exc:
         raise PasskeyRefused(Reason.INVALID) from exc
     if not isinstance(answer, dict) or not challenge:
         raise PasskeyRefused(Reason.INVALID)

@@ -48,6 +48,7 @@ async def _changed(svc: Services, client: Client, customer: Customer, *, event: 
                    now: datetime, **context: Any) -> None:
     """After any change (inside its transaction): devices revoked, the event, the mail."""
     await devices.revoke_all(svc.db, customer_id=customer.id, now=now)
+    await queries.end_open_steps(svc.db, customer.id, now)  # begun under the old set of factors
     await audit.record(svc.db, event, customer_id=customer.id, ip=client.ip, user_agent=client.user_agent, now=now)
     await outbox.enqueue(svc.db, svc.sealer, kind=kind, recipient=customer.email, now=now, customer_id=customer.id,
                          context=notice_context(customer, client, now, origin=client.origin, **context))

@@ -115,6 +115,14 @@ async def confirm_submit(request: Request, session: SessionRow, customer: Custom
     return redirect(request, _next(request))
 
 
+def _row_id(request: Request) -> int | None:
+    """A row id from the path: digits in the range of a database id, else None."""
+    value = str(request.path_params.get("id", ""))
+    if not value.isdigit() or len(value) > 18:
+        return None
+    return int(value) or None
+
+
 # --- authenticator app ---------------------------------------------------------------------
 
 
@@ -197,9 +205,8 @@ async def passkey_add(request: Request, session: SessionRow, customer: Customer)
 @guarded("account")
 @signed_in(recent=True)
 async def passkey_remove(request: Request, session: SessionRow, customer: Customer) -> Response:
-    try:
-        authenticator_id = int(request.path_params["id"])
-    except ValueError:
+    authenticator_id = _row_id(request)
+    if authenticator_id is None:
         return redirect(request, SECURITY)
     if await account.remove_passkey(services(request), client_of(request), customer, authenticator_id):
         _notice(request, "passkey-removed")
@@ -248,9 +255,8 @@ async def codes_download(request: Request, session: SessionRow, customer: Custom
 @guarded("account")
 @signed_in(recent=False)
 async def device_revoke(request: Request, session: SessionRow, customer: Customer) -> Response:
-    try:
-        device_id = int(request.path_params["id"])
-    except ValueError:
+    device_id = _row_id(request)
+    if device_id is None:
         return redirect(request, SECURITY)
     if await account.revoke_device(services(request), client_of(request), customer, device_id):
         _notice(request, "device-revoked")

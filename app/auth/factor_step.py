@@ -116,9 +116,12 @@ async def second_options(svc: Services, rp: passkeys.RelyingParty, step: Step) -
     if found is None or not found.factors.passkeys:
         return None
     assert found.challenge.customer_id is not None
-    return await passkeys.authentication_options(svc.db, rp, purpose=passkeys.Purpose.SECOND,
-                                                 customer_id=found.challenge.customer_id,
-                                                 binding=binding(svc, step.nonce), now=svc.clock.now())
+    try:
+        return await passkeys.authentication_options(svc.db, rp, purpose=passkeys.Purpose.SECOND,
+                                                     customer_id=found.challenge.customer_id,
+                                                     binding=binding(svc, step.nonce), now=svc.clock.now())
+    except passkeys.PasskeyRefused:
+        return None  # the last passkey was removed meanwhile
 
 
 async def answer_with_passkey(svc: Services, client: Client, rp: passkeys.RelyingParty, step: Step, *,

@@ -102,6 +102,8 @@ async def start_session(svc: Services, customer_id: int, session_version: int, c
                                  version=session_version, ip=client.ip, user_agent=client.user_agent, now=now,
                                  method=method.value)
     device = None
+    if trust_device and method is Method.CODE and (await factors_of(svc.db, customer_id)).strong:
+        trust_device = False  # an emailed code under staff help: trust comes only from the factor
     if trust_device:
         device = await devices.trust(svc.db, customer_id=customer_id, label=describe.browser(client.user_agent),
                                      ip=client.ip, now=now, days=svc.settings.trusted_device_days)
@@ -517,8 +519,9 @@ async def second_step(svc: Services, client: Client, customer: Customer, *,
     method = None
     if purpose is None and not strong:
         method = Method.PASSWORD
-    elif device_tokens and await trusted_device(svc, customer.id, device_tokens, now):
-        method = Method.DEVICE
+    elif (device_tokens and not (customer.otp_locked_until and customer.otp_locked_until > now)
+          and await trusted_device(svc, customer.id, device_tokens, now)):
+        method = Method.DEVICE  # not while locked out: the step below says until when
     if method is not None:
         async def work() -> SignedIn:
             signed = await start_session(svc, customer.id, customer.session_version, client, now, method)
@@ -540,13 +543,15 @@ async def second_step(svc: Services, client: Client, customer: Customer, *,
     return Step(step.challenge_id, step.nonce, Purpose.LOGIN, (customer.id, customer.session_version), step.reused)
 
 
-async def factor_step(svc: Services, customer: Customer, *, purpose: Purpose, nonce: str) -> Step:
+async def factor_step(svc: Services, customer: Customer, *, purpose: Purpose, nonce: str,
+                      ledger: str | None = None) -> Step:
     """A second step answered by the customer's app, a passkey or a backup code (Kind.FACTOR):
     bound to the pending session, with the same budget, failure count and lockout as a code, and
-    no code: nothing is mailed, and no mailed code completes it."""
+    no code: nothing is mailed, and no mailed code completes it. `ledger`: after a reset code,
+    the address's ledger (whoever holds only the mailbox locks out that, not the owner's sign-in)."""
     challenge_id = await otp.stand_in(svc.db, keys=svc.keys, policy=svc.policy, now=svc.clock.now(),
                                       customer_id=customer.id, purpose=purpose, nonce=nonce, sent_to="",
-                                      kind=Kind.FACTOR)
+                                      kind=Kind.FACTOR, ledger=ledger)
     return Step(challenge_id, nonce, purpose)
 
 
@@ -674,8 +679,15 @@ async def _finish(svc: Services, client: Client, challenge: otp.Challenge, custo
         if customer is not None and factor_needed(customer, await factors_of(db, customer_id), now):
             # The mailbox alone is not enough for a customer with an app or a passkey: one of
             # them (or a backup code) next, in this same pending session.
-            return CodeResult(next_step=await factor_step(svc, customer, purpose=Purpose.RESET, nonce=nonce))
+            return CodeResult(next_step=await factor_step(svc, customer, purpose=Purpose.RESET, nonce=nonce,
+                                                          ledger=challenge.ledger_key))
         return CodeResult(reset_ready=True)
+    if purpose is Purpose.LOGIN:
+        customer = await queries.get_customer(db, customer_id)
+        if customer is None or factor_needed(customer, await factors_of(db, customer_id), now):
+            # An app or a passkey was added (or staff help ended) since this step began: the
+            # emailed code no longer completes it. It is used up; signing in again asks the factor.
+            return CodeResult()
     if challenge.claim is not None:
         details = svc.claims.open(challenge.claim)
         # Only onto a sign-up still unconfirmed: a confirmed account is never signed into this way.
@@ -728,6 +740,9 @@ async def _resend_code(svc: Services, client: Client, step: Step, challenge: otp
     customer = await queries.get_customer(svc.db, challenge.customer_id)
     if customer is None:
         return ResendResult()
+    if step.purpose is Purpose.LOGIN and factor_needed(customer, await factors_of(svc.db, customer.id), now):
+        await transact(svc.db, lambda: otp.end_step(svc.db, challenge.id, now))
+        return ResendResult()  # the customer's app or passkey is asked now: start again
     recipient = svc.claims.open(challenge.claim)["email"] if step.purpose is Purpose.EMAIL and challenge.claim else None
     # A step whose attempts are spent is over: its codes stay dead, and the new code starts a
     # new step for this session (the customer's failure count and lockout carry on, as ever).

@@ -11,7 +11,17 @@ from databases import Database
 
 from app import sql
 from app.database import transact
-from app.tables import auth_events, auth_sessions, customers, mail_outbox, otp_codes, otp_verification
+from app.tables import (
+    auth_events,
+    auth_sessions,
+    authenticators,
+    customers,
+    mail_outbox,
+    otp_codes,
+    otp_verification,
+    trusted_devices,
+    webauthn_challenges,
+)
 
 SIGNUP, SHOP = "signup", "shop"  # customers.source: this app's registration, or the shop's own rows
 
@@ -299,6 +309,12 @@ _REVOKE_ALL = (
 )
 
 
+async def end_open_steps(db: Database, customer_id: int, now: datetime) -> None:
+    """End every pending step of the customer (a way to sign in was added: the steps started
+    under the old rules end with them)."""
+    await sql.execute(db, _REVOKE_ALL[1], cid=customer_id, now=now)
+
+
 async def revoke_all_now(db: Database, customer_id: int, now: datetime) -> None:
     """revoke_all's statements, inside the caller's transaction."""
     for query in _REVOKE_ALL:
@@ -350,6 +366,11 @@ _DELETE_ACCOUNT = (
         sa.select(otp_verification.c.id).where(otp_verification.c.customer_id == sa.bindparam("cid"))))),
     sql.Query(otp_verification.delete().where(otp_verification.c.customer_id == sa.bindparam("cid"))),
     sql.Query(auth_sessions.delete().where(auth_sessions.c.customer_id == sa.bindparam("cid"))),
+    # Not left to ON DELETE CASCADE: SQLite enforces no foreign keys and reuses a freed id, so a
+    # new sign-up would inherit the deleted customer's app, passkeys and trusted devices.
+    sql.Query(authenticators.delete().where(authenticators.c.customer_id == sa.bindparam("cid"))),
+    sql.Query(trusted_devices.delete().where(trusted_devices.c.customer_id == sa.bindparam("cid"))),
+    sql.Query(webauthn_challenges.delete().where(webauthn_challenges.c.customer_id == sa.bindparam("cid"))),
     sql.Query(mail_outbox.delete().where(mail_outbox.c.customer_id == sa.bindparam("cid"))),
     sql.Query(auth_events.update().where(auth_events.c.customer_id == sa.bindparam("cid"))
               .values(ip="", user_agent="")),

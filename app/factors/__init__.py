@@ -55,11 +55,13 @@ class FactorKeys:
 
     at_rest: Sealer  # authenticator-app secrets: HKDF-SHA256 keys, AES-256-GCM
     backup: bytes  # keyed hashes of backup codes
+    backup_fallbacks: tuple[bytes, ...] = ()  # the same under SECRET_KEY_FALLBACKS: old sets still work
 
     @classmethod
     def from_secret(cls, secret_key: str, fallbacks: tuple[str, ...] = ()) -> FactorKeys:
         return cls(at_rest=Sealer(tuple(hkdf_key(k, "totp-secret") for k in (secret_key, *fallbacks)), b"totp"),
-                   backup=derive_key(secret_key, "backup-codes"))
+                   backup=derive_key(secret_key, "backup-codes"),
+                   backup_fallbacks=tuple(derive_key(k, "backup-codes") for k in fallbacks))
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,8 @@ async def use(db: Database, keys: FactorKeys, *, customer_id: int, entry: str, n
     code = normalized(entry)
     if code is None:
         return None
-    wanted = _hash(keys, customer_id, code)
+    # Under the current key, or a fallback one (a set made before SECRET_KEY was rotated).
+    wanted = [keyed_hash(k, customer_id, code) for k in (keys.backup, *keys.backup_fallbacks)]
     if sql.dialect(db) == "sqlite":
         await sql.execute(db, _SQLITE_WRITER)
     for _ in range(CAS_TRIES):
@@ -116,7 +117,8 @@ async def use(db: Database, keys: FactorKeys, *, customer_id: int, entry: str, n
         stored: list[dict[str, Any]] = json.loads(row.data).get("codes", [])
         found = None
         for i, c in enumerate(stored):
-            if equal(str(c.get("hash", "")), wanted) and found is None:
+            # A list, not a generator: every key is compared, matched or not (constant time).
+            if any([equal(str(c.get("hash", "")), w) for w in wanted]) and found is None:  # noqa: C419
                 found = i
         if found is None or stored[found].get("used_at") is not None:
             return None

@@ -14,6 +14,7 @@ from databases import Database
 from app import audit, sql
 from app.audit import Event
 from app.auth import queries
+from app.factors import devices
 from app.tables import customers
 
 log = logging.getLogger("app.audit")
@@ -34,6 +35,9 @@ async def grant(db: Database, *, now: datetime, email: str, hours: int, reason: 
     if customer is None:
         return False
     await sql.execute(db, _GRANT, cid=customer.id, until=now + timedelta(hours=hours))
+    # No device trusted before (or, since an emailed code never trusts one while a factor
+    # exists, during) the bypass outlives it.
+    await devices.revoke_all(db, customer_id=customer.id, now=now)
     log.info("factor bypass customer=%s hours=%s staff=%s reason=%s", customer.id, hours, audit.safe(staff),
              audit.safe(reason))
     await audit.record(db, Event.FACTOR_BYPASS, customer_id=customer.id, ip="", user_agent=f"staff:{staff}"[:255],

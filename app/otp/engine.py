@@ -20,6 +20,7 @@ from databases import Database
 from app import sql
 from app.database import INTEGRITY_ERRORS
 from app.security.crypto import keyed_hash, letters_token, seal_for_token, sha256_hex
+from app.tables import authenticators as _au
 from app.tables import customers, mail_outbox, otp_codes, otp_ledgers, otp_verification
 
 CODE_DIGITS = 6
@@ -700,6 +701,13 @@ _COUNT_BOUND = sql.Query(
         o.c.session_binding == sa.bindparam("binding"),
         ~sa.exists().where(c.c.id == sa.bindparam("uid"), sa.or_(c.c.otp_locked_until > sa.bindparam("now"),
                                                                  c.c.signin_paused_until > sa.bindparam("now"))),
+        # Not for a customer who has an app or a passkey now (added since the step began), unless
+        # staff let the emailed code count for a while: the full path then says what happened.
+        ~sa.and_(
+            sa.exists().where(_au.c.customer_id == sa.bindparam("uid"), sa.or_(_au.c.type == "totp", _au.c.type == "passkey"),
+                              _au.c.confirmed_at.is_not(None)),
+            ~sa.exists().where(c.c.id == sa.bindparam("uid"), c.c.factor_bypass_until > sa.bindparam("now")),
+        ),
     )
     .values(attempts=o.c.attempts + 1)
 )

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _factors(args: argparse.Namespace) -> int:
     from app.clock import SystemClock
     from app.database import make_database
-    from app.factors import FactorKeys, bypass, totp
+    from app.factors import FactorKeys, backup_codes, bypass, totp
 
     settings = load_settings()
     db = make_database(settings)
@@ -59,8 +59,10 @@ async def _factors(args: argparse.Namespace) -> int:
                 return 1
             print(f"For {args.hours} h, an emailed code completes {args.email}'s second step (audited).")
         else:
-            count = await totp.reseal(db, FactorKeys.from_secret(settings.secret_key, settings.secret_key_fallbacks))
-            print(f"Re-sealed {count} authenticator-app secret(s) under the current key.")
+            keys = FactorKeys.from_secret(settings.secret_key, settings.secret_key_fallbacks)
+            apps, sets = await totp.reseal(db, keys), await backup_codes.reseal(db, keys)
+            print(f"Re-sealed {apps} authenticator-app secret(s) and {sets} backup-code set key(s) under the "
+                  f"current SECRET_KEY.")
     finally:
         await db.disconnect()
     return 0

@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         claims=Sealer.for_purpose(settings.secret_key, (), "registration-claim"), mailer=mailer,
         limiter=RateLimiter(settings.rate_limit_storage, settings.rate_limit, settings.login_account_rate_limit,
                             clock=clock),
-        factors=FactorKeys.from_secret(settings.secret_key, tuple(fallbacks)),
+        factors=FactorKeys.from_secret(settings.secret_key),  # no fallbacks: SECURITY.md 34
     )
 
     @contextlib.asynccontextmanager

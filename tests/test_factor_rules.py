@@ -430,8 +430,11 @@ async def test_backup_hash_not_plain_in_db(server: Running, clock: FixedClock) -
     data = await svc.db.fetch_val(sa.select(authenticators.c.data).where(authenticators.c.customer_id == cid))
     for code in codes:
         assert code not in data and backup_codes.grouped(code) not in data and code.lower() not in data
-    stored = json.loads(data)["codes"]
-    assert [c["hash"] for c in stored] == [keyed_hash(svc.factors.backup, cid, c) for c in codes]
+    whole = json.loads(data)
+    stored = whole["codes"]
+    set_key = bytes.fromhex(svc.factors.at_rest.open(whole["key"])["k"])  # the set's own key, sealed
+    assert set_key.hex() not in data
+    assert [c["hash"] for c in stored] == [keyed_hash(set_key, cid, c) for c in codes]
     assert all(c["used_at"] is None for c in stored)
 
 
@@ -575,3 +578,18 @@ def test_factor_modules_load_no_web_framework() -> None:
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'jinja2_fragments', 'uvicorn')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+async def test_backup_codes_survive_a_key_rotation_through_reseal(server: Running, clock: FixedClock,
+                                                                  settings: Settings) -> None:
+    """The running app opens factor data with the current key only (SECURITY.md 34); `factors
+    reseal`, given the old key as a fallback, seals each set's own key again, and the codes work."""
+    svc = server.services
+    cid = await customer(server, clock)
+    codes = await backup_codes.replace(svc.db, svc.factors, customer_id=cid, now=clock.now())
+    new_key = secrets.token_urlsafe(48)
+    only_new = FactorKeys.from_secret(new_key)
+    assert await backup_codes.use(svc.db, only_new, customer_id=cid, entry=codes[0], now=clock.now()) is None
+    assert await backup_codes.reseal(svc.db, FactorKeys.from_secret(new_key, (settings.secret_key,))) == 1
+    assert await backup_codes.use(svc.db, only_new, customer_id=cid, entry=codes[0], now=clock.now()) == 9
+    assert await backup_codes.use(svc.db, svc.factors, customer_id=cid, entry=codes[1], now=clock.now()) is None

@@ -5,6 +5,7 @@ here: routes parse the request and call one function."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,8 +18,10 @@ from app.factors import Factors, Method, backup_codes, factors_of, passkeys, tot
 from app.mail import outbox
 from app.mail.outbox import MailKind
 from app.otp import Kind, Outcome, Purpose
-from app.security.crypto import keyed_hash
+from app.security.crypto import Unreadable, keyed_hash
 from app.services import Client, Services
+
+log = logging.getLogger("app.factors")
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,13 @@ async def answer(svc: Services, client: Client, step: Step, *, method: Method, e
 
     async def check() -> bool:
         if method is Method.APP:
-            return entry is not None and await totp.check(db, svc.factors, customer_id=customer_id, code=entry,
-                                                          now=now)
+            try:
+                return entry is not None and await totp.check(db, svc.factors, customer_id=customer_id, code=entry,
+                                                              now=now)
+            except Unreadable:  # SECRET_KEY rotated without `python -m app factors reseal`
+                log.error("authenticator app of customer %s: the current SECRET_KEY does not open its secret; "
+                          "run python -m app factors reseal with the old key in SECRET_KEY_FALLBACKS", customer_id)
+                return False
         if method is Method.BACKUP:
             remaining = None if entry is None else await backup_codes.use(db, svc.factors, customer_id=customer_id,
                                                                            entry=entry, now=now)

@@ -50,18 +50,17 @@ class Type(StrEnum):
 
 @dataclass(frozen=True)
 class FactorKeys:
-    """The keys of the factors, derived from SECRET_KEY (and its fallbacks, so a rotated key
-    still opens what was sealed before: `python -m app factors reseal` moves them over)."""
+    """The keys of the factors, derived from SECRET_KEY. The running app uses the current key
+    alone (SECURITY.md 34: fallbacks open sessions and queued mail, nothing else); `python -m app
+    factors reseal` builds them with SECRET_KEY_FALLBACKS to seal what an older key sealed again."""
 
     at_rest: Sealer  # authenticator-app secrets: HKDF-SHA256 keys, AES-256-GCM
-    backup: bytes  # keyed hashes of backup codes
-    backup_fallbacks: tuple[bytes, ...] = ()  # the same under SECRET_KEY_FALLBACKS: old sets still work
+    backup: bytes  # keyed hashes of backup codes made before each set had a sealed key of its own
 
     @classmethod
     def from_secret(cls, secret_key: str, fallbacks: tuple[str, ...] = ()) -> FactorKeys:
         return cls(at_rest=Sealer(tuple(hkdf_key(k, "totp-secret") for k in (secret_key, *fallbacks)), b"totp"),
-                   backup=derive_key(secret_key, "backup-codes"),
-                   backup_fallbacks=tuple(derive_key(k, "backup-codes") for k in fallbacks))
+                   backup=derive_key(secret_key, "backup-codes"))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,10 @@
 """Backup codes: a set of ten single-use codes, shown once, kept as keyed hashes each with the
 time it was used. One `authenticators` row of type "backup_codes" per customer, data
-{"codes": [{"hash": ..., "used_at": null | iso time}, ...]}; making a new set replaces it.
+{"key": sealed, "codes": [{"hash": ..., "used_at": null | iso time}, ...]}; making a new set
+replaces it. Each set hashes with a random key of its own, sealed like an app's secret (AES-GCM
+under a key derived from SECRET_KEY): the database alone allows no offline guessing, and after a
+SECRET_KEY rotation `python -m app factors reseal` seals the set's key again (a hash cannot be
+redone), so the codes keep working.
 
 Using a code is a compare-and-swap on the whole `data` text, as in totp: of concurrent entries
 of one code, one succeeds.
@@ -9,6 +13,7 @@ of one code, one succeeds.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from datetime import datetime
 from typing import Any
@@ -19,8 +24,10 @@ from databases import Database
 from app import sql
 from app.database import INTEGRITY_ERRORS
 from app.factors import FactorKeys, Type
-from app.security.crypto import equal, keyed_hash, sha256_hex
+from app.security.crypto import Unreadable, equal, keyed_hash, sha256_hex
 from app.tables import authenticators as a
+
+log = logging.getLogger("app.factors")
 
 # No 0/O, 1/I/L: read off paper or a screen, every character is what it looks like. 31
 # characters, 10 of them: about 49.5 bits a code.
@@ -53,8 +60,14 @@ def new_code() -> str:
     return "".join(secrets.choice(ALPHABET) for _ in range(LENGTH))
 
 
-def _hash(keys: FactorKeys, customer_id: int, code: str) -> str:
-    return keyed_hash(keys.backup, customer_id, code)
+def _hash(key: bytes, customer_id: int, code: str) -> str:
+    return keyed_hash(key, customer_id, code)
+
+
+def _set_key(keys: FactorKeys, data: dict[str, Any]) -> bytes:
+    """The set's own hashing key (sets made before it had one: the key derived from SECRET_KEY)."""
+    sealed = data.get("key")
+    return bytes.fromhex(keys.at_rest.open(sealed)["k"]) if sealed else keys.backup
 
 
 def _unused(data: str) -> int:
@@ -87,7 +100,9 @@ async def replace(db: Database, keys: FactorKeys, *, customer_id: int, now: date
     """A new set of COUNT codes in place of the old one (every old code stops working); the
     plain codes, to show once."""
     codes = [new_code() for _ in range(COUNT)]
-    data = json.dumps({"codes": [{"hash": _hash(keys, customer_id, c), "used_at": None} for c in codes]})
+    key = secrets.token_bytes(32)
+    data = json.dumps({"key": keys.at_rest.seal({"k": key.hex()}),
+                       "codes": [{"hash": _hash(key, customer_id, c), "used_at": None} for c in codes]})
     for _ in range(CAS_TRIES):
         if await sql.execute(db, _REPLACE, cid=customer_id, new=data, now=now):
             return codes
@@ -106,28 +121,60 @@ async def use(db: Database, keys: FactorKeys, *, customer_id: int, entry: str, n
     code = normalized(entry)
     if code is None:
         return None
-    # Under the current key, or a fallback one (a set made before SECRET_KEY was rotated).
-    wanted = [keyed_hash(k, customer_id, code) for k in (keys.backup, *keys.backup_fallbacks)]
     if sql.dialect(db) == "sqlite":
         await sql.execute(db, _SQLITE_WRITER)
     for _ in range(CAS_TRIES):
         row = await sql.fetch_one(db, _ROW, cid=customer_id)
         if row is None:
             return None
-        stored: list[dict[str, Any]] = json.loads(row.data).get("codes", [])
+        whole: dict[str, Any] = json.loads(row.data)
+        try:
+            wanted = _hash(_set_key(keys, whole), customer_id, code)
+        except Unreadable:
+            log.warning("backup codes %s: no key opens the set's key (run python -m app factors reseal)", row.id)
+            return None
+        stored: list[dict[str, Any]] = whole.get("codes", [])
         found = None
         for i, c in enumerate(stored):
-            # A list, not a generator: every key is compared, matched or not (constant time).
-            if any([equal(str(c.get("hash", "")), w) for w in wanted]) and found is None:  # noqa: C419
+            if equal(str(c.get("hash", "")), wanted) and found is None:
                 found = i
         if found is None or stored[found].get("used_at") is not None:
             return None
         stored[found] = {**stored[found], "used_at": now.isoformat()}
-        new = json.dumps({"codes": stored})
+        new = json.dumps({**whole, "codes": stored})
         if await sql.execute(db, _USE, rid=row.id, old=row.data, new=new, now=now):
             return _unused(new)
         # Lost the swap: this code or another was used, or a new set made, meanwhile: look again.
     return None
+
+
+_ALL = sql.Query(sa.select(a.c.id, a.c.data).where(a.c.type == Type.BACKUP_CODES.value).order_by(a.c.id))
+_ONE = sql.Query(sa.select(a.c.id, a.c.data).where(a.c.id == sa.bindparam("rid")))
+_RESEAL = sql.Query(a.update().where(a.c.id == sa.bindparam("rid"), a.c.data == sa.bindparam("old"))
+                    .values(data=sa.bindparam("new")))
+
+
+async def reseal(db: Database, keys: FactorKeys) -> int:
+    """Seal every set's key again under the current SECRET_KEY (`keys` built with the old one
+    as a fallback); how many sets. A set no key opens is left and logged by row id."""
+    done = 0
+    for row in await sql.fetch_all(db, _ALL):
+        for _ in range(CAS_TRIES):
+            whole = json.loads(row.data)
+            try:
+                key = _set_key(keys, whole)
+            except Unreadable:
+                log.warning("backup codes %s: no current or fallback key opens the set's key", row.id)
+                break
+            new = json.dumps({**whole, "key": keys.at_rest.seal({"k": key.hex()})})
+            if await sql.execute(db, _RESEAL, rid=row.id, old=row.data, new=new):
+                done += 1
+                break
+            fresh = await sql.fetch_one(db, _ONE, rid=row.id)  # a code was used meanwhile: read it again
+            if fresh is None:
+                break
+            row = fresh
+    return done
 
 
 async def left(db: Database, customer_id: int) -> int:

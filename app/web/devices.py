@@ -20,8 +20,8 @@ def _name(request: Request) -> str:
 
 def _serializer(request: Request) -> URLSafeSerializer:
     settings = services(request).settings
-    keys = [derive_key(k, "device-cookie").hex() for k in (settings.secret_key, *settings.secret_key_fallbacks)]
-    return URLSafeSerializer(keys[::-1], salt="trusted-device")  # itsdangerous signs with the last key
+    # The current key only (SECURITY.md 34): after a rotation, devices are asked the second step again.
+    return URLSafeSerializer(derive_key(settings.secret_key, "device-cookie").hex(), salt="trusted-device")
 
 
 def device_tokens(request: Request) -> tuple[str, ...]:

@@ -355,3 +355,25 @@ async def test_session_started_long_ago_is_not_recent(server: Running, smtp: Cap
         clock.advance(2 * 60)
         assert (await c.get("/account/security/app")).status_code == 303
     assert timedelta(minutes=server.services.settings.reauth_minutes) == timedelta(minutes=10)
+
+
+async def test_cleanup_forgets_what_ways_to_sign_in_leave_behind(
+        server: Running, smtp: Capture, clock: FixedClock) -> None:
+    """Expired passkey challenges, trusted devices gone for a day, and app set-ups never finished."""
+    from app.factors import devices, passkeys, totp
+    from app.otp.cleanup import cleanup
+    from app.tables import authenticators, webauthn_challenges
+
+    db = server.services.db
+    async with server.client() as c:
+        await registered(c, smtp)
+    cid = int(await db.fetch_val(sa.select(customers.c.id)))
+    rp = passkeys.RelyingParty(id="testserver", name="Computer Shop", origin="http://testserver")
+    await passkeys.authentication_options(db, rp, purpose=passkeys.Purpose.ALONE, customer_id=None, binding="b",
+                                          now=clock.now())
+    await devices.trust(db, customer_id=cid, label="Chrome on Linux", ip="127.0.0.1", now=clock.now(), days=1)
+    await totp.start(db, server.services.factors, customer_id=cid, now=clock.now())
+    clock.advance(3 * 86400)
+    await cleanup(db, now=clock.now())
+    for table in (webauthn_challenges, trusted_devices, authenticators):
+        assert await db.fetch_val(sa.select(sa.func.count()).select_from(table)) == 0, table.name

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from databases import Database
 
 from app import sql
+from app.factors import devices, passkeys, totp
 from app.mail import outbox
 from app.otp.engine import Kind
 from app.tables import mail_throttle, otp_codes, otp_ledgers, otp_stats, otp_verification
@@ -43,6 +44,11 @@ async def cleanup(db: Database, *, now: datetime, sent_kept: bool = False) -> in
     await outbox.purge_payloads(db, now=now, sent_kept=sent_kept)
     await sql.execute(db, _FORGET_LEDGERS, idle=now - IDLE_KEPT, now=now)
     await sql.execute(db, _FORGET_WINDOWS, idle=now - IDLE_KEPT)
+    # Ways to sign in: used or expired passkey challenges, trusted devices expired or revoked
+    # more than a day ago, authenticator apps whose set-up was never finished.
+    await passkeys.forget_challenges(db, now)
+    await devices.forget_expired(db, now)
+    await totp.forget_unconfirmed(db, now)
     return deleted
 
 

@@ -1,5 +1,6 @@
 """python -m app [serve] [--host H] [--port P] | migrate | otp enable|disable (--email A | --all) | otp cleanup
-| factors bypass --email A --hours H --reason R | factors reseal"""
+| factors bypass --email A --hours H --reason R | factors reseal
+| staff create --email A --role admin|viewer | staff list"""
 
 from __future__ import annotations
 
@@ -35,7 +36,48 @@ def _parser() -> argparse.ArgumentParser:
     bypass.add_argument("--reason", required=True, help="what was checked, for the audit log")
     bypass.add_argument("--staff", default="cli", help="who grants it")
     f_sub.add_parser("reseal", help="re-seal authenticator-app secrets under the current SECRET_KEY")
+    staff = sub.add_parser("staff", help="the staff console's accounts")
+    s_sub = staff.add_subparsers(dest="staff_command", required=True)
+    create = s_sub.add_parser("create", help="add a staff member and print their one-time set-up link (24 h)")
+    create.add_argument("--email", required=True)
+    create.add_argument("--role", required=True, choices=("admin", "viewer"))
+    s_sub.add_parser("list", help="list staff: email, role, last sign-in, state")
     return parser
+
+
+async def _staff(args: argparse.Namespace) -> int:
+    from app.clock import SystemClock
+    from app.database import make_database
+    from app.staff import Role, accounts
+
+    settings = load_settings()
+    db = make_database(settings)
+    await db.connect()
+    try:
+        if args.staff_command == "create":
+            try:
+                token = await accounts.create(db, email=args.email, role=Role(args.role), now=SystemClock().now())
+            except accounts.AlreadyExists:
+                print(f"A staff member has the email {args.email} already: nothing changed.", file=sys.stderr)
+                return 1
+            except ValueError as exc:
+                print(f"Nothing changed: {exc}.", file=sys.stderr)
+                return 2
+            origin = (settings.public_origin or "http://127.0.0.1:8000").rstrip("/")
+            print(f"Staff member {args.email} ({args.role}) created. Send them this one-time set-up link "
+                  f"(valid {accounts.SETUP_TTL // 3600} h):")
+            print(f"{origin}/admin/setup/{token}")
+        else:
+            members = await accounts.list_staff(db)
+            if not members:
+                print("No staff yet: python -m app staff create --email ADDRESS --role admin")
+            for m in members:
+                last = m.last_sign_in_at.isoformat(timespec="minutes") if m.last_sign_in_at else "never"
+                state = "disabled" if m.disabled_at else "active"
+                print(f"{m.id}\t{m.email}\t{m.role.value}\tlast sign-in {last}\t{state}")
+    finally:
+        await db.disconnect()
+    return 0
 
 
 async def _factors(args: argparse.Namespace) -> int:
@@ -114,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_otp(args))
     if args.command == "factors":
         return asyncio.run(_factors(args))
+    if args.command == "staff":
+        return asyncio.run(_staff(args))
     if settings.is_development and settings.is_sqlite:
         from app.database import migrate
 

@@ -43,6 +43,14 @@ class Event(StrEnum):
     DEVICE_REVOKED = "device_revoked"
     REAUTHENTICATED = "reauthenticated"
     FACTOR_BYPASS = "factor_bypass"  # staff let a customer who lost every factor in with the emailed code
+    # The staff console (issue 18): each names the staff member (staff_id) and, for a change,
+    # what it was before and after (detail, JSON).
+    STAFF_SIGNED_IN = "staff_signed_in"
+    STAFF_SIGNED_OUT = "staff_signed_out"
+    STAFF_FAILED = "staff_failed"
+    STAFF_CREATED = "staff_created"
+    STAFF_DISABLED = "staff_disabled"
+    STAFF_ACTION = "staff_action"  # a change to a customer; detail says which, before and after
 
 
 EVENTS = frozenset(Event)
@@ -79,3 +87,19 @@ async def record(
                  safe(ua))
     await sql.execute(db, _insert(len(events)), customer_id=customer_id, ip=ip[:45], user_agent=ua, created_at=now,
                       **names)
+
+
+_STAFF_INSERT = sql.Query(auth_events.insert(), columns=("customer_id", "event", "ip", "user_agent", "created_at",
+                                                         "staff_id", "detail"))
+
+
+async def record_staff(db: Database, event: Event, *, staff_id: int, customer_id: int | None, ip: str,
+                       user_agent: str, now: datetime, detail: dict[str, Any] | None = None) -> None:
+    """A staff member's event, with what changed (before, after, reason) as JSON."""
+    import json
+
+    text = json.dumps(detail, default=str, sort_keys=True) if detail is not None else None
+    log.info("auth event=%s staff=%s customer=%s ip=%s time=%s detail=%s", Event(event).value, staff_id, customer_id,
+             safe(ip), now.isoformat(), safe(text or ""))
+    await sql.execute(db, _STAFF_INSERT, customer_id=customer_id, event=Event(event).value, ip=ip[:45],
+                      user_agent=user_agent[:255], created_at=now, staff_id=staff_id, detail=text)

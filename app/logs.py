@@ -15,7 +15,7 @@ _SECRETS = re.compile(r"(?i)(password|passwd|code|csrf_token|cookie|session)=([^
 _COOKIE_HEADER = re.compile(r"(?i)(cookie:\s*)(\S+)")
 # A code mail's links: their token shows the code (or ends the customer's pending steps) to
 # whoever holds it, so an access log line keeps the path and drops the token.
-_LINK_TOKEN = re.compile(r"(/verify/link/|/not-you/)[A-Za-z0-9_-]+")
+_LINK_TOKEN = re.compile(r"(/verify/link/|/not-you/|/admin/setup/)[A-Za-z0-9_-]+")
 
 
 class RedactFilter(logging.Filter):

@@ -40,6 +40,8 @@ from app.security.passwords import configure_hashing
 from app.security.proxies import ProxyMiddleware, disown_server_proxy_headers
 from app.services import AppState, Services
 from app.settings import Settings, SettingsError, load_settings
+from app.staff.auth_routes import routes as staff_auth_routes
+from app.staff.console_routes import routes as console_routes
 from app.templating import render
 from app.web.errors import not_found, request_error
 from app.web.loop_monitor import loop_monitor
@@ -169,6 +171,8 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         *factor_routes,
         *account_routes,
         *security_routes,
+        *staff_auth_routes,
+        *console_routes,
         Mount("/static", StaticFiles(directory=ROOT / "static"), name="static"),
     ]
     if settings.is_development:

@@ -68,6 +68,8 @@ customers = sa.Table(
     sa.Column("signin_paused_until", UTCDateTime, nullable=True),
     # Staff let a customer who lost every factor in with the emailed code until then (audited).
     sa.Column("factor_bypass_until", UTCDateTime, nullable=True),
+    sa.Column("disabled_at", UTCDateTime, nullable=True),  # staff disabled the account (migration 0006)
+    sa.Index("ix_customers_full_name", "full_name"),
 )
 
 # A challenge is one pending step (a sign-in, a registration, a reset...) with everything that
@@ -159,7 +161,12 @@ auth_events = sa.Table(
     sa.Column("ip", sa.String(45), nullable=False, server_default=""),
     sa.Column("user_agent", sa.String(255), nullable=False, server_default=""),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("staff_id", sa.Integer, nullable=True),  # the staff member who acted (migration 0006)
+    sa.Column("detail", sa.Text, nullable=True),  # JSON: before, after, reason of a staff action
     sa.Index("ix_auth_events_customer", "customer_id", "event", "created_at"),
+    sa.Index("ix_auth_events_created", "created_at"),
+    sa.Index("ix_auth_events_event", "event", "created_at"),
+    sa.Index("ix_auth_events_staff", "staff_id", "created_at"),
 )
 
 mail_outbox = sa.Table(
@@ -264,4 +271,48 @@ webauthn_challenges = sa.Table(
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("used_at", UTCDateTime, nullable=True),
     sa.Index("ix_webauthn_challenges_expires", "expires_at"),
+)
+
+# The staff console (migration 0006). Staff are not customers.
+staff = sa.Table(
+    "staff",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("email", sa.String(254), nullable=False, unique=True),
+    sa.Column("role", sa.String(8), nullable=False),  # admin | viewer
+    sa.Column("password_hash", sa.String(255), nullable=True),  # None until the set-up link is used
+    sa.Column("totp_secret", sa.Text, nullable=True),  # sealed, as a customer's app secret
+    sa.Column("totp_last_step", sa.BigInteger, nullable=True),
+    sa.Column("setup_hash", sa.String(64), nullable=True, unique=True),  # SHA-256 of the one-time set-up token
+    sa.Column("setup_expires_at", UTCDateTime, nullable=True),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("locked_until", UTCDateTime, nullable=True),
+    sa.Column("disabled_at", UTCDateTime, nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_sign_in_at", UTCDateTime, nullable=True),
+)
+
+staff_sessions = sa.Table(
+    "staff_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # SHA-256 of the token the admin cookie carries
+    sa.Column("staff_id", sa.Integer, sa.ForeignKey("staff.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_seen_at", UTCDateTime, nullable=False),
+    sa.Column("ip", sa.String(45), nullable=False, server_default=""),
+    sa.Column("user_agent", sa.String(255), nullable=False, server_default=""),
+    sa.Column("revoked_at", UTCDateTime, nullable=True),
+    sa.Index("ix_staff_sessions_staff", "staff_id", "revoked_at"),
+)
+
+# Daily counts the funnel reads (kept by the clean-up task): per day, purpose, the recipient's
+# mail domain and metric (requested, mailed, delivered, verified, failure reasons, ...).
+auth_daily = sa.Table(
+    "auth_daily",
+    metadata,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("purpose", sa.String(16), primary_key=True),
+    sa.Column("domain", sa.String(100), primary_key=True),
+    sa.Column("metric", sa.String(24), primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False, server_default="0"),
 )

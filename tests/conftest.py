@@ -32,7 +32,7 @@ from app.settings import Settings
 
 CODE_LINE = re.compile(r"(?m)^\s*(\d{6})\s*$")
 PASSWORD = "Blue-Harbor-Lamp-42"
-TABLES = ("webauthn_challenges", "trusted_devices", "authenticators", "otp_codes", "otp_ledgers", "mail_throttle", "mail_outbox", "auth_events", "auth_sessions", "otp_stats", "customer_otp_verification", "customers")
+TABLES = ("staff_sessions", "staff", "auth_daily", "webauthn_challenges", "trusted_devices", "authenticators", "otp_codes", "otp_ledgers", "mail_throttle", "mail_outbox", "auth_events", "auth_sessions", "otp_stats", "customer_otp_verification", "customers")
 
 
 # --- backends ----------------------------------------------------------------------------

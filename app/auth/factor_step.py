@@ -178,6 +178,8 @@ async def sign_in_with_passkey(svc: Services, client: Client, rp: passkeys.Relyi
     customer = await queries.get_customer(svc.db, verified.customer_id)
     if customer is None:
         raise PasskeySignInRefused("That passkey no longer belongs to an account here.")
+    if customer.disabled_at is not None:
+        raise PasskeySignInRefused("This account is disabled. Please contact the shop's customer service.")
     if customer.otp_locked_until is not None and customer.otp_locked_until > now:
         raise PasskeySignInRefused("Sign-in is paused after too many wrong codes. Please try again later.")
 

@@ -481,8 +481,11 @@ async def check_account_password(svc: Services, client: Client, customer: Custom
     return True, (await hash_password(password) if rehash else None)
 
 
+DISABLED = Refused("form", "This account is disabled. Please contact the shop's customer service.")
+
+
 async def sign_in(svc: Services, client: Client, *, login: str, password: str,
-                  device_tokens: tuple[str, ...] = ()) -> Step | SignedIn | None:
+                  device_tokens: tuple[str, ...] = ()) -> Step | SignedIn | Refused | None:
     """The password step, then the one second-step policy (second_step). None: refused (unknown
     user, wrong password, or the account's own limit reached: all answered alike)."""
     db = svc.db
@@ -490,6 +493,8 @@ async def sign_in(svc: Services, client: Client, *, login: str, password: str,
     ok, new_hash = await check_account_password(svc, client, customer, login, password)
     if not ok or customer is None:
         return None
+    if customer.disabled_at is not None:
+        return DISABLED  # said only to whoever knows the password
     async with db.connection():
         if new_hash is not None:
             await queries.set_password_hash(db, customer.id, new_hash)

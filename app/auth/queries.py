@@ -40,6 +40,7 @@ class Customer:
     signin_paused_until: datetime | None = None
     otp_locked_until: datetime | None = None
     factor_bypass_until: datetime | None = None  # staff let the emailed code count until then
+    disabled_at: datetime | None = None  # staff disabled the account
 
 
 _COLS = (
@@ -55,6 +56,7 @@ _COLS = (
     customers.c.signin_paused_until,
     customers.c.otp_locked_until,
     customers.c.factor_bypass_until,
+    customers.c.disabled_at,
 )
 
 
@@ -74,6 +76,7 @@ def _customer(rec: Any) -> Customer | None:
         signin_paused_until=rec.signin_paused_until,
         otp_locked_until=getattr(rec, "otp_locked_until", None),
         factor_bypass_until=getattr(rec, "factor_bypass_until", None),
+        disabled_at=getattr(rec, "disabled_at", None),
     )
 
 

@@ -121,8 +121,8 @@ async def login_submit(request: Request) -> Response:
         return render(request, "auth/login.html", {"form": form}, status=422)
     result = await flows.sign_in(services(request), client_of(request), login=form.values["login"],
                                  password=str(data["password"]), device_tokens=device_tokens(request))
-    if result is None:
-        form.errors["form"] = WRONG_LOGIN
+    if result is None or isinstance(result, Refused):
+        form.errors["form"] = WRONG_LOGIN if result is None else result.message
         return render(request, "auth/login.html", {"form": form}, status=422)
     if isinstance(result, SignedIn):
         sessions.signed_in(request, result)

@@ -184,3 +184,33 @@ async def test_audit_view_filters_and_exports_csv(server: Running, smtp: Capture
         assert exported.headers["content-type"].startswith("text/csv")
         rows = list(csv.reader(io.StringIO(exported.text)))
         assert rows[0][0] == "time (UTC)" and {r[1] for r in rows[1:]} >= {"registered", "password_failed"}
+
+
+async def test_resend_confirmation_mails_an_unconfirmed_sign_up_and_ends_its_cooldown(
+        server: Running, smtp: Capture, clock: FixedClock) -> None:
+    from tests.conftest import register
+
+    async with server.client() as c:
+        await register(c)  # never confirmed
+    await wait_mail(smtp, "jane@example.com")
+    db = server.services.db
+    cid = int(await db.fetch_val(sa.select(customers.c.id)))
+    cookies, _ = await staff_cookies(server)
+    async with server.client(cookies=cookies) as c:
+        r = await act(c, cid, "resend-confirmation")
+        assert r.status_code == 200 and "Done" in r.text
+    mail = (await wait_mail(smtp, "jane@example.com", 2))[-1]
+    assert mail["Subject"] == "Confirm your Computer Shop email address"
+    assert "/login" in mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert await db.fetch_val(sa.select(customers.c.otp_last_sent_at)) is None
+    async with server.client() as customer:
+        assert (await login(customer)).headers["location"] == "/verify"
+        await wait_mail(smtp, "jane@example.com", 3)  # the code goes at once
+    events = await staff_events(server)
+    assert events[-1]["action"] == "resend email confirmation"
+    async with server.client(cookies=cookies) as c:
+        await c.get(f"/admin/customers/{cid}")
+    await db.execute(customers.update().values(email_verified_at=clock.now()))
+    async with server.client(cookies=cookies) as c:
+        r = await act(c, cid, "resend-confirmation")
+        assert r.status_code == 422 and "confirmed already" in r.text

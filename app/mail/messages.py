@@ -33,6 +33,7 @@ SUBJECTS = {
     "factor_removed": "A way to sign in was removed from your Computer Shop account",
     "backup_codes_created": "New Computer Shop backup codes were made",
     "backup_code_used": "A Computer Shop backup code was used",
+    "confirm_reminder": "Confirm your Computer Shop email address",
 }
 
 html_env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined)

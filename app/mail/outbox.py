@@ -49,6 +49,7 @@ class MailKind(StrEnum):
     FACTOR_REMOVED = "factor_removed"
     BACKUP_CODES_CREATED = "backup_codes_created"
     BACKUP_CODE_USED = "backup_code_used"
+    CONFIRM_REMINDER = "confirm_reminder"  # staff resent the email confirmation
 
 
 CODE_KINDS = frozenset({MailKind.REGISTRATION_CODE, MailKind.LOGIN_CODE, MailKind.RESET_CODE, MailKind.EMAIL_CODE,

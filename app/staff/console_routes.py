@@ -27,6 +27,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "enable": ("Enable the account of {email} again?", "Enable account"),
     "bypass": ("Let {email} complete the second step with an emailed code for {hours} hours?", "Grant bypass"),
     "revoke-device": ("Stop trusting this device of {email}?", "Revoke device"),
+    "resend-confirmation": ("Send {email} a mail asking them to confirm their address?", "Resend email confirmation"),
 }
 
 
@@ -110,6 +111,9 @@ async def customer_action(request: Request, staff: Staff) -> Response:
             await customers.revoke_device(svc.db, actor, customer_id, device_id, now=now)
         elif action in ("disable", "enable"):
             await customers.set_disabled(svc.db, actor, customer_id, disabled=action == "disable", now=now)
+        elif action == "resend-confirmation":
+            svc.mailer.dispatch(await customers.resend_confirmation(
+                svc.db, svc.sealer, actor, customer_id, origin=client_of(request).origin, now=now))
         elif action == "bypass":
             await customers.grant_bypass(svc.db, actor, customer_id, hours=hours, reason=reason, now=now)
     except customers.Refused as exc:

@@ -16,6 +16,7 @@ from app.audit import Event
 from app.auth import queries
 from app.database import transact
 from app.factors import Factors, bypass, devices, factors_of, passkeys
+from app.mail import outbox
 from app.tables import auth_events, auth_sessions, customers, mail_outbox, otp_verification
 
 PAGE_SIZE = 50
@@ -267,6 +268,31 @@ async def set_disabled(db: Database, actor: Actor, customer_id: int, *, disabled
                        "disabled" if disabled else "enabled")
 
     await transact(db, work)
+
+
+_COOLDOWN_OVER = sql.Query(c.update().where(c.c.id == sa.bindparam("cid")).values(otp_last_sent_at=None))
+
+
+async def resend_confirmation(db: Database, sealer: Any, actor: Actor, customer_id: int, *, origin: str,
+                              now: datetime) -> outbox.Queued:
+    """A sign-up whose address was never confirmed: a mail asking them to sign in, where a code
+    confirms the address (a code needs the browser that asks for it); their resend cooldown
+    ends, so that sign-in mails the code at once."""
+    customer = await _customer(db, customer_id)
+    if customer.email_verified_at is not None:
+        raise Refused("This customer's email address is confirmed already.")
+
+    async def work() -> outbox.Queued:
+        await sql.execute(db, _COOLDOWN_OVER, cid=customer_id)
+        queued = await outbox.enqueue(db, sealer, kind=outbox.MailKind.CONFIRM_REMINDER, recipient=customer.email,
+                                      now=now, customer_id=customer_id,
+                                      context={"name": customer.full_name or customer.username or "",
+                                               "username": customer.username or customer.email, "origin": origin})
+        await _audited(db, actor, customer_id, now, "resend email confirmation", "unconfirmed",
+                       "confirmation mail queued")
+        return queued
+
+    return await transact(db, work)
 
 
 async def grant_bypass(db: Database, actor: Actor, customer_id: int, *, hours: int, reason: str,

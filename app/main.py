@@ -42,6 +42,7 @@ from app.services import AppState, Services
 from app.settings import Settings, SettingsError, load_settings
 from app.staff.auth_routes import routes as staff_auth_routes
 from app.staff.console_routes import routes as console_routes
+from app.staff.funnel_routes import routes as funnel_routes
 from app.templating import render
 from app.web.errors import not_found, request_error
 from app.web.loop_monitor import loop_monitor
@@ -173,6 +174,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         *security_routes,
         *staff_auth_routes,
         *console_routes,
+        *funnel_routes,
         Mount("/static", StaticFiles(directory=ROOT / "static"), name="static"),
     ]
     if settings.is_development:

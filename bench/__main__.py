@@ -46,6 +46,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="do not load a sent mail_outbox row per code row (loaded by default)")
     p.add_argument("--scale-concurrency", type=int, default=2, help="C of the code-step comparison (default 2)")
     p.add_argument("--scale-duration", type=float, default=None, help="window of each scale run (default: --duration)")
+    p.add_argument("--console", action="store_true",
+                   help="add the console step: 1 M customers, 5 M auth events and 90 days of steps, rolled up; "
+                        "each staff console page timed (bench/console.py)")
+    p.add_argument("--console-customers", type=int, default=1_000_000)
+    p.add_argument("--console-events", type=int, default=5_000_000)
+    p.add_argument("--console-steps", type=int, default=900_000, help="sign-in steps over 90 days (default 900 k)")
+    p.add_argument("--console-requests", type=int, default=40, help="timed requests per console page (default 40)")
     p.add_argument("--profile", action="store_true",
                    help="add a run at the highest C with py-spy recording each worker (needs py-spy)")
     p.add_argument("--no-plot", action="store_true")
@@ -248,6 +255,15 @@ class Bench:
             except Exception as exc:  # keep everything measured so far
                 log(f"EXPLAIN step failed: {type(exc).__name__}: {exc}")
                 R["scale"]["explain_error"] = f"{type(exc).__name__}: {exc}"
+        if a.console:
+            from bench import console
+
+            R["console"] = {}
+            try:
+                console.run_step(self, stored, R["console"], log=log)
+            except Exception as exc:  # keep everything measured so far
+                log(f"console step failed: {type(exc).__name__}: {exc}")
+                R["console"]["error"] = f"{type(exc).__name__}: {exc}"
         R["meta"]["total_s"] = time.monotonic() - t_all
         return R
 

@@ -198,6 +198,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     hwm = [v for v in (results.get("worker_vmhwm_kb_final") or {}).values() if v]
     add(f"Worker RSS under {RSS_LIMIT_MB} MB", f"peak (VmHWM) {_f(max(hwm) / 1024 if hwm else None)} MB",
         (max(hwm) / 1024 < RSS_LIMIT_MB) if hwm else None)
+    if results.get("console") is not None:
+        from bench import console
+
+        out += console.targets(results["console"])
     return out
 
 
@@ -328,6 +332,10 @@ def markdown(results: dict[str, Any]) -> str:
         L.append("")
     if sc.get("explain_error"):
         L += [f"EXPLAIN step failed: `{sc['explain_error']}`", ""]
+    if results.get("console") is not None:
+        from bench import console
+
+        L += console.markdown(results["console"])
     if results.get("errors"):
         L += ["## The bench stopped early", "", *[f"- `{e}`" for e in results["errors"]], ""]
     if results.get("server_errors"):

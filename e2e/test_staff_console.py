@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 import pyotp
-import pytest
 from playwright.sync_api import Page, expect
 
 from e2e.api import Customer, ServerClock
@@ -92,6 +91,15 @@ def console_journey(page: Page, customer: Customer, server: LocalServer, clock: 
     expect_step(page, page.get_by_role("heading", level=1, name="Audit"))
     expect(page.get_by_role("cell", name="staff_action")).to_have_count(5)
     check("audit")
+    page.get_by_role("navigation", name="Console").get_by_role("link", name="Funnel").click()
+    expect_step(page, page.get_by_role("heading", level=1, name="Sign-in funnel"))
+    page.get_by_label("Range").select_option("7d")
+    expect(page.locator("svg[role=img]").first).to_be_visible()
+    expect(page.get_by_role("table").first).to_be_visible()
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download CSV").first.click()
+    assert download.value.suggested_filename.endswith(".csv")
+    check("funnel")
 
 
 def test_console_on_the_desktop(page: Page, ready_customer: Customer, database: LocalServer,
@@ -136,7 +144,7 @@ def test_console_pages_are_accessible(axe_page: Page, ready_customer: Customer, 
     assert_accessible(page, "staff sign-in")
     set_up_and_sign_in(page, database, optional_clock)
     assert_accessible(page, "console home")
-    for where in ("/admin/customers", "/admin/audit", "/admin/staff"):
+    for where in ("/admin/customers", "/admin/audit", "/admin/staff", "/admin/funnel", "/admin/abuse"):
         page.goto(where)
         assert_accessible(page, where)
     open_customer(page, ready_customer)
@@ -144,4 +152,3 @@ def test_console_pages_are_accessible(axe_page: Page, ready_customer: Customer, 
     page.get_by_role("button", name="Turn codes off", exact=True).first.click()
     expect(page.get_by_role("alertdialog")).to_be_visible()
     assert_accessible(page, "a customer, confirming an action")
-    pytest.importorskip("pygal")

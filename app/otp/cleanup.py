@@ -14,6 +14,7 @@ from app import sql
 from app.factors import devices, passkeys, totp
 from app.mail import outbox
 from app.otp.engine import Kind
+from app.staff import analytics
 from app.tables import mail_throttle, otp_codes, otp_ledgers, otp_stats, otp_verification
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ async def cleanup(db: Database, *, now: datetime, sent_kept: bool = False) -> in
     used and replaced codes too, and it is one range on the expires_at index: no full scan,
     and no lock on rows a sign-in is using."""
     deleted = 0
+    await analytics.roll_up(db, now=now, settled=GRACE)  # the funnel's counts, before the steps go
     while True:
         n = await _cleanup_batch(db, cutoff=now - GRACE)
         deleted += n

@@ -152,3 +152,36 @@ def test_console_pages_are_accessible(axe_page: Page, ready_customer: Customer, 
     page.get_by_role("button", name="Turn codes off", exact=True).first.click()
     expect(page.get_by_role("alertdialog")).to_be_visible()
     assert_accessible(page, "a customer, confirming an action")
+
+
+def test_unlock_revoke_devices_and_bypass_from_the_console(page: Page, ready_customer: Customer,
+                                                            database: LocalServer,
+                                                            optional_clock: ServerClock | None) -> None:
+    """The actions that need a state the journeys above do not leave: a locked customer with a
+    trusted device and an authenticator app (made in the server's database directly)."""
+    import sqlite3
+    from datetime import UTC, timedelta
+
+    now = server_now(optional_clock).astimezone(UTC).replace(tzinfo=None)
+    with sqlite3.connect(database.db_path) as conn:
+        cid = conn.execute("SELECT id FROM customers WHERE email = ?", (ready_customer.email,)).fetchone()[0]
+        conn.execute("UPDATE customers SET otp_attempts = 3, otp_locked_until = ? WHERE id = ?",
+                     (now + timedelta(hours=1), cid))
+        conn.execute("INSERT INTO trusted_devices (customer_id, token_hash, label, ip, created_at, last_used_at, "
+                     "expires_at) VALUES (?, ?, 'Firefox on Windows', '192.0.2.9', ?, ?, ?)",
+                     (cid, secrets.token_hex(32), now, now, now + timedelta(days=30)))
+        conn.execute("INSERT INTO authenticators (customer_id, type, data, label, created_at, confirmed_at) "
+                     "VALUES (?, 'passkey', '{}', 'Old phone', ?, ?)", (cid, now, now))
+    set_up_and_sign_in(page, database, optional_clock)
+    open_customer(page, ready_customer)
+    do(page, "Unlock")
+    expect(page.get_by_text("Locked").locator("xpath=following-sibling::dd[1]")).to_have_text("no")
+    do(page, "Revoke all devices")
+    expect(page.get_by_role("heading", name="Trusted devices").locator("xpath=following-sibling::p[1]")).to_have_text(
+        "None.")
+    page.get_by_label("Hours").fill("12")
+    page.get_by_label("Reason").fill("Lost phone; ID checked at the counter")
+    page.get_by_role("button", name="Grant bypass", exact=True).click()
+    page.get_by_role("alertdialog").get_by_role("button", name="Grant bypass", exact=True).click()
+    expect(page.get_by_role("status")).to_contain_text("Done")
+    expect(page.get_by_text("Second-step bypass").locator("xpath=following-sibling::dd[1]")).to_contain_text("until")

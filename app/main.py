@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from app import otp, sql, templating
 from app.account.routes import routes as account_routes
@@ -74,9 +75,19 @@ def make_policy(settings: Settings) -> otp.OtpPolicy:
                          settings.otp_max_attempts, settings.otp_lockout_schedule)
 
 
+class WholeFiles(StaticFiles):
+    """Static files, always whole: the files are small, and a malformed Range header would
+    otherwise be a plain-text 400 from outside the app's error pages."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
 async def home(request: Request) -> Response:
-    signed = await sessions.current(request)
-    return render(request, "home.html", {"signed_in": signed is not None})
+    await sessions.current(request)  # the header then names who is signed in
+    return render(request, "home.html")
 
 
 async def healthz(request: Request) -> Response:
@@ -175,7 +186,7 @@ def create_app(settings: Settings | None = None, *, transport: Transport | None 
         *staff_auth_routes,
         *console_routes,
         *funnel_routes,
-        Mount("/static", StaticFiles(directory=ROOT / "static"), name="static"),
+        Mount("/static", WholeFiles(directory=ROOT / "static"), name="static"),
     ]
     if settings.is_development:
         routes += dev_routes

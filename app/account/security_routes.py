@@ -14,7 +14,7 @@ from starlette.routing import Route
 
 from app.account import factors as account
 from app.auth import sessions
-from app.auth.factor_routes import json_guarded, relying_party
+from app.auth.factor_routes import json_body, json_guarded, relying_party
 from app.auth.queries import Customer, SessionRow
 from app.auth.routes import take_notice
 from app.factors import Method, backup_codes, devices, factors_of, passkeys, totp
@@ -118,7 +118,7 @@ async def confirm_submit(request: Request, session: SessionRow, customer: Custom
 def _row_id(request: Request) -> int | None:
     """A row id from the path: digits in the range of a database id, else None."""
     value = str(request.path_params.get("id", ""))
-    if not value.isdigit() or len(value) > 18:
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return int(value) or None
 
@@ -184,11 +184,8 @@ async def passkey_options(request: Request, session: SessionRow, customer: Custo
 @json_guarded
 @signed_in(recent=True, as_json=True)
 async def passkey_add(request: Request, session: SessionRow, customer: Customer) -> Response:
-    try:
-        body = await request.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
+    body = await json_body(request)
+    if not body:
         return JSONResponse({"error": "The passkey could not be read. Please try again."})
     label = str(body.get("label") or "")[:100] or "Passkey"
     try:

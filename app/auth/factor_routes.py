@@ -158,10 +158,14 @@ def json_guarded(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable
     return wrapper
 
 
-async def _json_body(request: Request) -> dict[str, Any]:
+async def json_body(request: Request) -> dict[str, Any]:
+    """The JSON object the script sent; {} for anything else: another content type (whose body
+    the CSRF check may have read as a form already), bad or deeply nested JSON, not an object."""
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        return {}
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError, RuntimeError):
         return {}
     return body if isinstance(body, dict) else {}
 
@@ -186,7 +190,7 @@ async def second_verify(request: Request) -> Response:
     if pending is None:
         return JSONResponse({"redirect": "/login"})
     step, found = pending
-    body = await _json_body(request)
+    body = await json_body(request)
     result, refused = await factor_step.answer_with_passkey(
         services(request), client_of(request), relying_party(request), step,
         response_json=json.dumps(body.get("response")), trust_device=bool(body.get("trust_device")))
@@ -222,7 +226,7 @@ async def alone_options(request: Request) -> Response:
 
 @json_guarded
 async def alone_verify(request: Request) -> Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     try:
         signed = await factor_step.sign_in_with_passkey(services(request), client_of(request), relying_party(request),
                                                         nonce=_signed_out_nonce(request),

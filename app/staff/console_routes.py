@@ -33,7 +33,7 @@ ACTIONS: dict[str, tuple[str, str]] = {
 
 def _int(value: Any, default: int | None = None, *, limit: int = 2**62) -> int | None:
     text = str(value or "").strip()
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         return default
     number = int(text)
     return number if 0 < number < limit else default

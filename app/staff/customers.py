@@ -82,7 +82,7 @@ async def search(db: Database, *, query: str, sort: str = "id", page: int = 1) -
     page = max(1, min(page, 10_000))
     q = query.strip()[:254]
     like = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    digits = q.isdigit() and len(q) <= 12
+    digits = q.isascii() and q.isdigit() and len(q) <= 12  # "²" is a digit to isdigit(), not to int()
     params: dict[str, Any] = {"lim": PAGE_SIZE + 1, "off": (page - 1) * PAGE_SIZE}
     if q:
         params["like"] = like

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.staff import Role, Staff, analytics, charts
+from app.staff.web import redirect as web_redirect
 from app.staff.web import render_admin, staff_page
 from app.web.request import services
 
@@ -87,8 +88,8 @@ async def funnel_csv(request: Request, staff: Staff) -> Response:
     name = request.query_params.get("chart", "")
     _, drawn = await _charts(request, choice)
     chart = next((c for c in drawn if c.name == name), None)
-    if chart is None:
-        return Response("No such chart.\n", status_code=404, media_type="text/plain; charset=utf-8")
+    if chart is None:  # no such chart: the funnel page, which has a link for each one
+        return web_redirect(request, f"/admin/funnel?{choice.query}")
     filename = f"funnel-{chart.name}-{choice.range.key}-{choice.purpose or 'all'}-{choice.domain or 'all'}.csv"
     return Response(chart.csv, media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"})

@@ -10,7 +10,8 @@ from jinja2_fragments import render_block
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import Match, Route
+from starlette.routing import Match, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from app.database import is_missing_schema, is_unavailable
 from app.htmx import wants_fragment
@@ -32,6 +33,11 @@ def allowed_methods(request: Request) -> list[str]:
             match, _ = route.matches({**request.scope, "method": "__none__"})
             if match is not Match.NONE:
                 methods |= route.methods
+        elif (isinstance(route, Mount) and isinstance(route.app, StaticFiles)
+              # Inside the mount the scope's root_path is the mount's: match from the app's root.
+              and route.matches({**request.scope, "root_path": request.scope.get("app_root_path", "")})[0]
+              is not Match.NONE):
+            methods |= {"GET", "HEAD"}  # all that StaticFiles takes
     return sorted(methods)
 
 

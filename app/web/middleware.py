@@ -28,7 +28,7 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
+        if length.isascii() and length.isdigit() and int(length) > self.max_body:
             response = await request_error(Request(scope), HTTPException(413))
             await response(scope, receive, send)
             return

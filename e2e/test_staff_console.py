@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import pyotp
+import pytest
 from playwright.sync_api import Page, expect
 
 from e2e.api import Customer, ServerClock
@@ -116,8 +117,19 @@ def test_console_on_a_pixel_7(new_context: Any, playwright: Any, ready_customer:
                     check=lambda state: assert_mobile_friendly(page, f"Pixel 7, {state}", exempt_targets))
 
 
-def test_resend_confirmation_from_the_console(page: Page, customer: Customer, accounts: Any, database: LocalServer,
+def phone_or_desktop(where: str, page: Page, new_context: Any, playwright: Any) -> Page:
+    if where == "desktop":
+        return page
+    profile = dict(playwright.devices[where])
+    profile.pop("default_browser_type", None)
+    return new_context(**profile).new_page()
+
+
+@pytest.mark.parametrize("where", ["desktop", "Pixel 7"])
+def test_resend_confirmation_from_the_console(where: str, page: Page, new_context: Any, playwright: Any,
+                                              customer: Customer, accounts: Any, database: LocalServer,
                                               optional_clock: ServerClock | None, mailbox: Mailbox) -> None:
+    page = phone_or_desktop(where, page, new_context, playwright)
     accounts.register(customer, verify=False)
     before = count(mailbox, customer.email)
     set_up_and_sign_in(page, database, optional_clock)
@@ -142,7 +154,22 @@ def test_console_pages_are_accessible(axe_page: Page, ready_customer: Customer, 
     assert_accessible(page, "staff set-up")
     page.goto("/admin/login")
     assert_accessible(page, "staff sign-in")
-    set_up_and_sign_in(page, database, optional_clock)
+    email, path = create_staff(database)
+    page.goto(path)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_label("Confirm password", exact=True).fill(PASSWORD)
+    secret = page.get_by_label("Setup key").inner_text().replace(" ", "")
+    page.get_by_label("Code from your authenticator app").fill(pyotp.TOTP(secret).at(server_now(optional_clock)))
+    page.get_by_role("button", name="Finish set-up").click()
+    page.get_by_label("Email").fill(email)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect_step(page, page.get_by_role("heading", level=1, name="Enter the code from your app"))
+    assert_accessible(page, "staff sign-in, the app's code")
+    next_step(optional_clock)
+    page.get_by_label("Code from your authenticator app").fill(pyotp.TOTP(secret).at(server_now(optional_clock)))
+    page.get_by_role("button", name="Verify").click()
+    expect_step(page, page.get_by_role("heading", level=1, name="Staff console"))
     assert_accessible(page, "console home")
     for where in ("/admin/customers", "/admin/audit", "/admin/staff", "/admin/funnel", "/admin/abuse"):
         page.goto(where)
@@ -154,11 +181,14 @@ def test_console_pages_are_accessible(axe_page: Page, ready_customer: Customer, 
     assert_accessible(page, "a customer, confirming an action")
 
 
-def test_unlock_revoke_devices_and_bypass_from_the_console(page: Page, ready_customer: Customer,
-                                                            database: LocalServer,
-                                                            optional_clock: ServerClock | None) -> None:
-    """The actions that need a state the journeys above do not leave: a locked customer with a
-    trusted device and an authenticator app (made in the server's database directly)."""
+@pytest.mark.parametrize("where", ["desktop", "Pixel 7"])
+def test_unlock_revoke_devices_and_bypass_from_the_console(where: str, page: Page, new_context: Any, playwright: Any,
+                                                            ready_customer: Customer, database: LocalServer,
+                                                            optional_clock: ServerClock | None,
+                                                            exempt_targets: list[str]) -> None:
+    """The actions that need a state the journeys above do not leave: a locked customer with two
+    trusted devices and a passkey (made in the server's database directly)."""
+    page = phone_or_desktop(where, page, new_context, playwright)
     import sqlite3
     from datetime import UTC, timedelta
 
@@ -167,15 +197,20 @@ def test_unlock_revoke_devices_and_bypass_from_the_console(page: Page, ready_cus
         cid = conn.execute("SELECT id FROM customers WHERE email = ?", (ready_customer.email,)).fetchone()[0]
         conn.execute("UPDATE customers SET otp_attempts = 3, otp_locked_until = ? WHERE id = ?",
                      (now + timedelta(hours=1), cid))
-        conn.execute("INSERT INTO trusted_devices (customer_id, token_hash, label, ip, created_at, last_used_at, "
-                     "expires_at) VALUES (?, ?, 'Firefox on Windows', '192.0.2.9', ?, ?, ?)",
-                     (cid, secrets.token_hex(32), now, now, now + timedelta(days=30)))
+        for label in ("Firefox on Windows", "Safari on iOS"):
+            conn.execute("INSERT INTO trusted_devices (customer_id, token_hash, label, ip, created_at, last_used_at, "
+                         "expires_at) VALUES (?, ?, ?, '192.0.2.9', ?, ?, ?)",
+                         (cid, secrets.token_hex(32), label, now, now, now + timedelta(days=30)))
         conn.execute("INSERT INTO authenticators (customer_id, type, data, label, created_at, confirmed_at) "
                      "VALUES (?, 'passkey', '{}', 'Old phone', ?, ?)", (cid, now, now))
     set_up_and_sign_in(page, database, optional_clock)
     open_customer(page, ready_customer)
+    if where != "desktop":
+        assert_mobile_friendly(page, f"{where}, a locked customer", exempt_targets)
     do(page, "Unlock")
     expect(page.get_by_text("Locked").locator("xpath=following-sibling::dd[1]")).to_have_text("no")
+    do(page, "Revoke device")  # one of the two
+    expect(page.get_by_role("button", name="Revoke device", exact=True)).to_have_count(1)
     do(page, "Revoke all devices")
     expect(page.get_by_role("heading", name="Trusted devices").locator("xpath=following-sibling::p[1]")).to_have_text(
         "None.")

@@ -56,7 +56,12 @@ async def csrf_verdict(request: Request) -> CsrfVerdict:
 
 
 async def _token_matches(request: Request) -> bool:
-    expected = cookie_of(request).csrf
+    return await token_sent(request, cookie_of(request).csrf)
+
+
+async def token_sent(request: Request, expected: str | None) -> bool:
+    """The form field csrf_token or the X-CSRF-Token header matches `expected` (the customer
+    session's token, or the staff console's)."""
     if not expected:
         return False
     # The form field first: the step just swapped in carries the current token, while the

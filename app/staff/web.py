@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from app.htmx import wants_fragment
-from app.security.crypto import equal, token
-from app.security.csrf import CSRF_FIELD, CSRF_HEADER, same_origin
+from app.security.crypto import token
+from app.security.csrf import same_origin, token_sent
 from app.settings import Settings
 from app.staff import ABSOLUTE_TIMEOUT, Role, Staff, sessions
 from app.templating import render
@@ -267,17 +267,7 @@ def refused(request: Request, reason: str, *, status: int = 403, headers: dict[s
 
 async def _token_sent(request: Request) -> bool:
     """The form field csrf_token or the X-CSRF-Token header matches the console's token."""
-    expected = admin_cookie(request).csrf
-    if not expected:
-        return False
-    sent: list[str] = []
-    if request.headers.get("content-type", "").startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
-        value = (await request.form()).get(CSRF_FIELD)
-        if isinstance(value, str):
-            sent.append(value)
-    if header := request.headers.get(CSRF_HEADER):
-        sent.append(header)
-    return any(equal(v, expected) for v in sent)
+    return await token_sent(request, admin_cookie(request).csrf)
 
 
 async def _limited(request: Request) -> Response | None:

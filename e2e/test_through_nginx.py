@@ -9,17 +9,13 @@ These start their own stack, not the suite's local server: nginx missing skips t
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -28,30 +24,9 @@ from playwright.sync_api import Page, expect
 from e2e.api import new_customer
 from e2e.mail import Mail, count, wait_for_code
 from e2e.pages import DashboardPage, LoginPage, RegisterPage
+from tests.test_deploy import missing, stack_tool  # deploy/stack loaded once, as a module
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # each module starts a whole stack (about 10 s)
-
-
-def _load_stack() -> ModuleType:
-    if "computer_shop_stack" in sys.modules:  # tests/test_deploy.py loads it too
-        return sys.modules["computer_shop_stack"]
-    loader = SourceFileLoader("computer_shop_stack", str(ROOT / "deploy" / "stack"))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
-
-
-stack_tool = _load_stack()
-
-
-def _missing(reason: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI: {reason} (never skipped in CI)", pytrace=False)
-    pytest.skip(reason)
 
 
 class StackMailbox:
@@ -74,14 +49,14 @@ def _mail(message: EmailMessage) -> Mail:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Any]:
     if not (shutil.which("nginx") or os.access("/usr/sbin/nginx", os.X_OK)):
-        _missing("nginx is not installed (Debian: apt-get install nginx)")
+        missing("nginx is not installed (Debian: apt-get install nginx)")
     run_dir = Path(tempfile.mkdtemp(prefix="computer-shop-e2e-stack-"))
     try:
         # A 1 s resend cooldown: signing in right after signing up mails its code at once.
         launched = stack_tool.Launched.start(run_dir, "--set", "OTP_RESEND_COOLDOWN=1")
     except stack_tool.Unavailable as exc:
         shutil.rmtree(run_dir, ignore_errors=True)
-        _missing(str(exc))
+        missing(str(exc))
     yield launched
     launched.stop()
     shutil.rmtree(run_dir, ignore_errors=True)

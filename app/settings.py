@@ -43,7 +43,7 @@ class Settings:
     dkim_selector: str | None = None
     dkim_private_key: str | None = None  # a path to the PEM private key
     mail_from: str = "Computer Shop <no-reply@localhost>"
-    mail_max_tries: int = 8
+    mail_max_tries: int = 20  # a mail without a code: 2 s, 4 s, ... then every 5 min, about an hour in all
     otp_registration_ttl: int = 900
     otp_login_ttl: int = 600
     otp_resend_cooldown: int = 60

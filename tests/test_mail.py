@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from app.clock import FixedClock, SystemClock
 from app.mail import outbox
-from app.mail.dispatcher import Dispatcher, backoff, claim_seconds
+from app.mail.dispatcher import CODE_BACKOFF_CAP, Dispatcher, backoff, claim_seconds
 from app.mail.messages import build
 from app.mail.outbox import MailStatus
 from app.mail.transport import ConsoleTransport, SmtpTransport
@@ -162,6 +162,31 @@ async def test_transient_failures_stop_after_the_limit(settings: Settings, clock
             clock.advance(600)
         row = await svc.db.fetch_one(sa.select(mail_outbox))
         assert row.status == "failed" and row.tries == 3
+
+
+async def test_a_code_mail_is_retried_past_the_try_limit_until_its_code_expires(
+    settings: Settings, clock: FixedClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mail server down for minutes: a code mail keeps its place (every 10 s at most) for as
+    long as its code works, then is marked expired, never sent dead; a notice keeps MAIL_MAX_TRIES."""
+    port = free_port()
+    async with running(with_(settings, smtp_port=port, mail_max_tries=3), clock) as server:
+        svc = server.services
+        await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="wait@example.com", now=clock.now(),
+                             context={"name": "x", "code": "123456", "minutes": 2},
+                             expires_at=clock.now() + timedelta(seconds=120))
+        tries = 0
+        for _ in range(40):
+            await svc.mailer.drain()
+            row = await svc.db.fetch_one(sa.select(mail_outbox))
+            if row.status != "queued":
+                break
+            tries = row.tries
+            clock.advance(CODE_BACKOFF_CAP)  # no wait between tries is longer than this
+        assert tries > 3, "retried past MAIL_MAX_TRIES while the code worked"
+        assert row.status == "expired" and row.payload is None, row
+        assert "code expired before delivery" in row.last_error
+    assert any(r.levelname == "WARNING" and "mail expired" in r.getMessage() for r in caplog.records)
 
 
 async def test_two_dispatchers_on_one_database_send_every_message_exactly_once(

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from databases import Database
 
@@ -52,7 +52,7 @@ class Dispatcher:
         clock: Clock,
         *,
         sender: str,
-        max_tries: int = 8,
+        max_tries: int = 20,
         concurrency: int = 8,
         smtp_timeout: float = 10.0,
         code_in_subject: bool = False,
@@ -233,13 +233,25 @@ class Dispatcher:
                                keep_sent=self.keep_sent)
             return
         retry_at = now + timedelta(seconds=backoff(message.tries, code=message.is_code))
-        if transient and message.tries < self.max_tries:
-            self._failing = True
-            await self._record(message, MailStatus.QUEUED, error=error, retry_at=retry_at)
-            self._event("retry", message, error)
+        if transient and message.expires_at is not None:
+            # A mail with a code is worth sending for as long as its code works, however many
+            # tries that takes (the mail server may be down for minutes while the customer waits);
+            # once the code would be dead by the next try, it is never sent.
+            if retry_at < message.expires_at:
+                await self._retry(message, error, retry_at)
+            else:
+                await self._record(message, MailStatus.EXPIRED, error=f"code expired before delivery: {error}")
+                self._event("expired", message, error)
+        elif transient and message.tries < self.max_tries:
+            await self._retry(message, error, retry_at)
         else:
             await self._record(message, MailStatus.FAILED, error=error)
             self._event("failed", message, error)
+
+    async def _retry(self, message: outbox.Queued, error: str, retry_at: datetime) -> None:
+        self._failing = True
+        await self._record(message, MailStatus.QUEUED, error=error, retry_at=retry_at)
+        self._event("retry", message, error)
 
     def _build(self, message: outbox.Queued) -> Mail:
         return build(message.kind, message.context, recipient=message.recipient, sender=self.sender,
@@ -247,6 +259,8 @@ class Dispatcher:
 
     def _event(self, what: str, message: outbox.Queued, error: str | None) -> None:
         level = {"retry": logging.WARNING, "failed": logging.ERROR}.get(what, logging.INFO)
+        if what == "expired" and error:
+            level = logging.WARNING  # a customer never got this code: the mail server kept failing
         log.log(level, "mail %s id=%s kind=%s tries=%s%s", what, message.id, message.kind, message.tries,
                 f" error={error}" if error else "")
         if self.on_event:

@@ -68,8 +68,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep-db", action="store_true", help="do not drop the bench database at the end")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default bench/results; --quick: bench/results/tmp/quick)")
+    p.add_argument("--through-nginx", action="store_true",
+                   help="instead of the runs above: deploy/stack's 2 instances hit directly vs through its nginx "
+                        "(TLS), flows/s and their ratio (bench/nginx.py; default C=32)")
+    p.add_argument("--soak", action="store_true",
+                   help="instead of the runs above: --clients sign-ins at once through deploy/stack's nginx for "
+                        "--minutes; errors, every worker's RSS, every table's rows (bench/soak.py)")
+    p.add_argument("--minutes", type=float, default=10.0, help="--soak: how long (default 10)")
+    p.add_argument("--clients", type=int, default=64, help="--soak: concurrent clients (default 64)")
+    p.add_argument("--accounts", type=int, default=None,
+                   help="--soak: customers signed in round and round (default: enough that none comes back within "
+                        "100 s at 60 flows/s)")
+    p.add_argument("--set", dest="stack_set", action="append", default=[], type=lambda s: tuple(s.split("=", 1)),
+                   metavar="NAME=VALUE", help="--through-nginx/--soak: an app setting for deploy/stack start")
     a = p.parse_args(argv)
     q = a.quick
+    a.concurrency_given = a.concurrency is not None
     a.concurrency = [int(x) for x in (a.concurrency or ("1,2" if q else "1,8,32")).split(",")]
     a.warmup = a.warmup if a.warmup is not None else (1.0 if q else 3.0)
     a.duration = a.duration if a.duration is not None else (3.0 if q else 20.0)
@@ -382,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
+    if args.through_nginx or args.soak:  # the deploy/stack modes (bench/nginx.py, bench/soak.py)
+        from bench import nginx, soak
+
+        return nginx.main(args) if args.through_nginx else soak.main(args)
     bench = Bench(args)
     failed = False
     try:

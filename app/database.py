@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiomysql
 import pymysql
 import sqlalchemy.exc
 from databases import Database
+from databases.backends.mysql import MySQLBackend
 from pymysql.constants.CLIENT import FOUND_ROWS
 
 if TYPE_CHECKING:
@@ -18,17 +21,24 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # `databases` lets the driver's own exceptions through.
 INTEGRITY_ERRORS = (sqlite3.IntegrityError, pymysql.err.IntegrityError, sqlalchemy.exc.IntegrityError)
 
 
 def make_database(settings: Settings) -> Database:
-    """A Database for DATABASE_URL, with sensible pool and lock-wait options per backend."""
+    """A Database for DATABASE_URL, with sensible pool and lock-wait options per backend; with
+    DATABASE_FAILOVER, one whose pool moves on to the next node when its node fails."""
     if settings.is_sqlite:
         return Database(settings.database_url, timeout=30)
-    return Database(
+    failover: dict[str, object] = {}
+    if settings.database_failover:
+        # A node that accepts but never answers (hung, cut off) must not hold a request longer.
+        failover = {"failover": settings.database_failover, "connect_timeout": 5}
+    return (FailoverDatabase if failover else Database)(
         settings.database_url,
+        **failover,
         # No connection at start-up: a worker (re)started while the database is down must come
         # up and answer 503 until it returns, not fail to start (uvicorn then stops them all).
         min_size=0,
@@ -42,6 +52,122 @@ def make_database(settings: Settings) -> Database:
         # otherwise leave out a matched row whose values happen to be unchanged.
         client_flag=FOUND_ROWS,
     )
+
+
+class FailoverPool(aiomysql.Pool):
+    """aiomysql's pool over a list of interchangeable nodes (a Galera cluster): it connects to one
+    node at a time and moves on to the next (in a circle) when a connection to it cannot be made,
+    when a new connection finds the node not ready (Galera's wsrep_ready is OFF: cut off from the
+    majority, or still joining), or when a statement gets 1047 (the node left the majority). Idle
+    connections to a node left behind are closed, so after a fail-over every request runs on the
+    new node. It stays on the new node when the old one returns (no fail-back: nothing to gain).
+
+    The requests whose statements were under way on the node that died fail (503), as they would
+    with one server; the next ones run on the next node. Only new connections are checked
+    (SHOW GLOBAL STATUS LIKE 'wsrep_ready', one round trip; no row on a server without Galera)."""
+
+    def __init__(self, nodes: Sequence[tuple[str, int]], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.nodes = list(nodes)
+        self.current = 0
+
+    @property
+    def node(self) -> tuple[str, int]:
+        return self.nodes[self.current]
+
+    def node_failed(self, node: tuple[str, int], reason: object) -> None:
+        """`node` failed: move on, unless another request moved on already."""
+        if node == self.node and len(self.nodes) > 1:
+            self.current = (self.current + 1) % len(self.nodes)
+            log.warning("database node %s:%s failed (%s): using %s:%s now", *node, reason, *self.node)
+
+    async def _open(self) -> Any:
+        """A new connection to the current node, else to the next ones (each tried once)."""
+        for attempt in range(len(self.nodes)):
+            host, port = node = self.node
+            conn = _WatchedConnection(self, host=host, port=port, echo=self._echo, loop=self._loop,
+                                      **{k: v for k, v in self._conn_kwargs.items() if k not in ("host", "port")})
+            try:
+                await conn._connect()
+                async with conn.cursor() as cur:
+                    await cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep_ready'")
+                    row = await cur.fetchone()
+                if row is not None and str(row[1]).upper() != "ON":
+                    conn.close()
+                    raise pymysql.err.OperationalError(NOT_PRIMARY, "wsrep_ready is OFF: this node is not "
+                                                                    "part of the cluster's majority yet")
+                return conn
+            except Exception as exc:
+                conn.close()
+                if attempt == len(self.nodes) - 1 or not is_unavailable(exc):
+                    raise
+                self.node_failed(node, exc)
+        raise AssertionError("unreachable")
+
+    async def _fill_free_pool(self, override_min: bool) -> None:
+        # aiomysql's own, with connections made by _open, and those to other nodes dropped.
+        for conn in list(self._free):
+            stale = conn._reader.at_eof() or conn._reader.exception() or conn._reader.eof_received
+            recycle = self._recycle > -1 and self._loop.time() - conn.last_usage > self._recycle
+            if stale or recycle or (conn.host, conn.port) != self.node:
+                self._free.remove(conn)
+                conn.close()
+        while self.size < self.minsize:
+            await self._add()
+        if not self._free and override_min and (not self.maxsize or self.size < self.maxsize):
+            await self._add()
+
+    async def _add(self) -> None:
+        self._acquiring += 1
+        try:
+            self._free.append(await self._open())
+            self._cond.notify()
+        finally:
+            self._acquiring -= 1
+
+
+class _WatchedConnection(aiomysql.Connection):
+    """Tells its pool when a statement finds its node out of the cluster (1047), and closes itself
+    (the pool drops closed connections)."""
+
+    def __init__(self, pool: FailoverPool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._failover_pool = pool
+
+    async def query(self, sql: str, unbuffered: bool = False) -> int:
+        try:
+            return int(await super().query(sql, unbuffered))
+        except pymysql.err.OperationalError as exc:
+            if exc.args and exc.args[0] == NOT_PRIMARY:
+                self.close()
+                self._failover_pool.node_failed((self.host, self.port), exc)
+            raise
+
+
+class FailoverMySQLBackend(MySQLBackend):
+    """`databases`' MySQL backend with a FailoverPool over DATABASE_URL's node and the `failover`
+    ones (same user, password and database)."""
+
+    _pool: FailoverPool | None
+
+    def __init__(self, database_url: Any, *, failover: Sequence[tuple[str, int]], **options: Any) -> None:
+        super().__init__(database_url, **options)
+        self._nodes = [(self._database_url.hostname, self._database_url.port or 3306), *failover]
+
+    async def connect(self) -> None:
+        assert self._pool is None, "DatabaseBackend is already running"
+        kwargs = self._get_connection_kwargs()
+        self._pool = FailoverPool(
+            self._nodes, minsize=kwargs.pop("minsize", 1), maxsize=kwargs.pop("maxsize", 10),
+            echo=kwargs.pop("echo", False), pool_recycle=kwargs.pop("pool_recycle", -1),
+            loop=asyncio.get_running_loop(), user=self._database_url.username, password=self._database_url.password,
+            db=self._database_url.database, autocommit=True, **kwargs)
+
+
+class FailoverDatabase(Database):
+    """A Database whose MySQL URLs use FailoverMySQLBackend (option `failover=[(host, port), ...]`)."""
+
+    SUPPORTED_BACKENDS = {**Database.SUPPORTED_BACKENDS, "mysql": "app.database:FailoverMySQLBackend"}
 
 
 def sync_url(url: str) -> str:
@@ -85,8 +211,13 @@ def pending_migrations(database_url: str) -> list[str]:
 
 
 # Driver error codes that mean the server cannot be reached or dropped us (not a bad query).
+NOT_PRIMARY = 1047  # Galera: "WSREP has not yet prepared node for application use" (ER_UNKNOWN_COM_ERROR)
 MYSQL_UNAVAILABLE = {
     1040,  # too many connections
+    # A Galera node cut off from the majority (non-Primary) or still joining: it takes the
+    # connection and answers SELECT 1, but every statement on a table gets 1047. Other nodes may
+    # well be up (DATABASE_FAILOVER moves to them).
+    NOT_PRIMARY,
     1053,  # server shutdown in progress
     1927,  # connection was killed
     2002, 2003, 2005,  # cannot connect (socket, TCP, unknown host)
@@ -129,11 +260,17 @@ def is_missing_schema(exc: BaseException) -> bool:
     return False
 
 
-DEADLOCK_CODES = {1213, 1205}  # deadlock, lock wait timeout
+# Deadlock, lock wait timeout. Galera reports its conflicts as 1213 too (checked against MariaDB
+# 10.11 with galera-4, tests/test_galera.py): a transaction that loses certification to a
+# concurrent write through another node fails at COMMIT, and one aborted by a replicated write
+# ("brute force" abort) fails at its next statement or at COMMIT. Both are safe to run again.
+DEADLOCK_CODES = {1213, 1205}
 
 
 def is_deadlock(exc: BaseException) -> bool:
-    """A transient lock conflict worth one more try, not a database outage."""
+    """A transient lock conflict worth one more try (a deadlock, a lock wait timeout, a Galera
+    certification failure), not a database outage."""
+    exc = _driver_error(exc)
     return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and exc.args[0] in DEADLOCK_CODES
 
 
@@ -153,8 +290,18 @@ async def transact(db: Database, work: Callable[[], Awaitable[T]], *, tries: int
     """Run `work` in a transaction, again after a deadlock (each try starts afresh)."""
 
     async def once() -> T:
-        async with db.transaction():
-            return await work()
+        connection = db.connection()
+        held = connection._connection_counter
+        try:
+            async with db.transaction():
+                return await work()
+        finally:
+            # `databases` (0.9, pinned) hands the connection back only when BEGIN, COMMIT or
+            # ROLLBACK succeed. Galera fails a conflicting transaction at COMMIT, and a dead node
+            # fails all three: each would keep a pooled connection for ever, until the pool is
+            # exhausted and every request waits. (aiomysql closes what it gets back mid-transaction.)
+            while connection._connection_counter > held:
+                await connection.__aexit__()
 
     return await retrying(once, tries=tries)
 

@@ -57,6 +57,7 @@ class Settings:
     session_idle_timeout: int = 1800
     session_absolute_timeout: int = 43200
     db_pool_size: int = 10
+    database_failover: tuple[tuple[str, int], ...] = ()  # further nodes (Galera), host and port each
     hash_concurrency: int = 0  # Argon2 runs at once per process; 0: cores (÷ WEB_CONCURRENCY)
     loop_monitor: bool = False
     trusted_device_days: int = 30  # "Don't ask again on this device" lasts this long (0: not offered)
@@ -81,6 +82,8 @@ class Settings:
             raise SettingsError("HASH_CONCURRENCY must be 0 (one per core) or a positive number")
         if not self.database_url.startswith(("sqlite+aiosqlite://", "mysql+aiomysql://")):
             raise SettingsError("DATABASE_URL must start with sqlite+aiosqlite:// or mysql+aiomysql://")
+        if self.database_failover and self.is_sqlite:
+            raise SettingsError("DATABASE_FAILOVER lists further MariaDB nodes: DATABASE_URL must be mysql+aiomysql://")
         if len(self.secret_key.encode()) < 32:
             raise SettingsError("SECRET_KEY must be at least 32 bytes (try: python -c 'import secrets; print(secrets.token_urlsafe(48))')")
         if self.is_production and not self.smtp_host:
@@ -141,6 +144,24 @@ def parse_networks(value: str) -> tuple[Network, ...]:
         raise SettingsError(f"TRUSTED_PROXIES: {exc}") from exc
 
 
+def parse_nodes(value: str) -> tuple[tuple[str, int], ...]:
+    """Parse DATABASE_FAILOVER: comma-separated host:port (port 3306 when left out; [v6]:port)."""
+    nodes = []
+    for item in (p.strip() for p in value.split(",")):
+        if not item:
+            continue
+        parts = urlsplit(f"//{item}")
+        try:
+            port = parts.port or 3306
+        except ValueError:
+            port = 0
+        if not parts.hostname or parts.netloc != item or "@" in item or port == 0:
+            raise SettingsError(f"DATABASE_FAILOVER: {item!r} is not host:port (a comma-separated list, "
+                                "like db2.internal:3306,db3.internal:3306)")
+        nodes.append((parts.hostname, port))
+    return tuple(nodes)
+
+
 def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides: object) -> Settings:
     """Read settings from the environment (which wins) and an optional `.env` file."""
     config = Config(Path(env_file) if env_file and Path(env_file).exists() else None)
@@ -181,6 +202,7 @@ def load_settings(env_file: str | os.PathLike[str] | None = ".env", **overrides:
             "session_idle_timeout": config("SESSION_IDLE_TIMEOUT", cast=int, default=1800),
             "session_absolute_timeout": config("SESSION_ABSOLUTE_TIMEOUT", cast=int, default=43200),
             "db_pool_size": config("DB_POOL_SIZE", cast=int, default=10),
+            "database_failover": parse_nodes(config("DATABASE_FAILOVER", default="")),
             "hash_concurrency": config("HASH_CONCURRENCY", cast=int, default=0),
             "loop_monitor": config("LOOP_MONITOR", cast=bool, default=False),
             "trusted_device_days": config("TRUSTED_DEVICE_DAYS", cast=int, default=30),

@@ -64,7 +64,7 @@ class FailoverPool(aiomysql.Pool):
 
     The requests whose statements were under way on the node that died fail (503), as they would
     with one server; the next ones run on the next node. Only new connections are checked
-    (SHOW GLOBAL STATUS LIKE 'wsrep_ready', one round trip; no row on a server without Galera)."""
+    (wsrep_on, then wsrep_ready: two round trips; a server without Galera is always ready)."""
 
     def __init__(self, nodes: Sequence[tuple[str, int]], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -89,10 +89,15 @@ class FailoverPool(aiomysql.Pool):
                                       **{k: v for k, v in self._conn_kwargs.items() if k not in ("host", "port")})
             try:
                 await conn._connect()
+                ready = True
                 async with conn.cursor() as cur:
-                    await cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep_ready'")
+                    await cur.execute("SHOW GLOBAL VARIABLES LIKE 'wsrep_on'")
                     row = await cur.fetchone()
-                if row is not None and str(row[1]).upper() != "ON":
+                    if row is not None and str(row[1]).upper() == "ON":
+                        await cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep_ready'")
+                        row = await cur.fetchone()
+                        ready = row is not None and str(row[1]).upper() == "ON"
+                if not ready:
                     conn.close()
                     raise pymysql.err.OperationalError(NOT_PRIMARY, "wsrep_ready is OFF: this node is not "
                                                                     "part of the cluster's majority yet")
@@ -282,6 +287,8 @@ async def retrying(work: Callable[[], Awaitable[T]], *, tries: int = 3) -> T:
         except Exception as exc:
             if attempt == tries - 1 or not is_deadlock(exc):
                 raise
+            log.info("database conflict %s (a deadlock, or a Galera certification failure): trying again",
+                     _driver_error(exc).args[0])
             await asyncio.sleep(0.005 * (attempt + 1))
     raise AssertionError("unreachable")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,17 @@ def parse_networks(value: str) -> tuple[Network, ...]:
         raise SettingsError(f"TRUSTED_PROXIES: {exc}") from exc
 
 
+def _host(name: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 address (written in brackets: urlsplit drops them)."""
+    if ":" not in name:
+        return re.fullmatch(r"[a-z0-9._-]+", name) is not None
+    try:
+        ipaddress.IPv6Address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_nodes(value: str) -> tuple[tuple[str, int], ...]:
     """Parse DATABASE_FAILOVER: comma-separated host:port (port 3306 when left out; [v6]:port)."""
     nodes = []
@@ -155,10 +167,11 @@ def parse_nodes(value: str) -> tuple[tuple[str, int], ...]:
             port = parts.port or 3306
         except ValueError:
             port = 0
-        if not parts.hostname or parts.netloc != item or "@" in item or port == 0:
+        host = parts.hostname or ""
+        if not _host(host) or parts.netloc != item or "@" in item or port == 0:
             raise SettingsError(f"DATABASE_FAILOVER: {item!r} is not host:port (a comma-separated list, "
                                 "like db2.internal:3306,db3.internal:3306)")
-        nodes.append((parts.hostname, port))
+        nodes.append((host, port))
     return tuple(nodes)
 
 

@@ -233,7 +233,7 @@ MYSQL_MISSING_SCHEMA = {1146, 1054}  # no such table, no such column
 SQLITE_MISSING_SCHEMA = ("no such table", "no such column")
 
 
-def _driver_error(exc: BaseException) -> BaseException:
+def driver_error(exc: BaseException) -> BaseException:
     """The driver's own exception (SQLAlchemy wraps it; `databases` passes it through)."""
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
         return exc.orig
@@ -243,7 +243,7 @@ def _driver_error(exc: BaseException) -> BaseException:
 def is_unavailable(exc: BaseException) -> bool:
     """The database is down or unreachable (answer 503 and retry later), as opposed to a bug or
     a schema that needs migrating."""
-    exc = _driver_error(exc)
+    exc = driver_error(exc)
     if isinstance(exc, ConnectionError):  # refused, reset, broken pipe on the driver's socket
         return True
     if isinstance(exc, pymysql.err.InterfaceError):  # the driver's connection is closed
@@ -255,9 +255,27 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+# SQLite on a full disk says SQLITE_FULL, or, when the WAL or its index cannot grow, one of
+# these I/O errors (which a failing disk gives too).
+SQLITE_FULL = {"SQLITE_FULL", "SQLITE_IOERR_WRITE", "SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_TRUNCATE",
+               "SQLITE_IOERR_FSYNC"}
+MYSQL_FULL = {1021, 1114}  # disk full, table full
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """A write failed for want of space (or a failing disk): nothing was written (SQLite and
+    InnoDB roll the transaction back whole); the operator must act. Reads still work."""
+    exc = driver_error(exc)
+    if isinstance(exc, pymysql.err.OperationalError):
+        return bool(exc.args) and exc.args[0] in MYSQL_FULL
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorname", None) in SQLITE_FULL
+    return False
+
+
 def is_missing_schema(exc: BaseException) -> bool:
     """A table or column the code expects is not there: migrations were not applied."""
-    exc = _driver_error(exc)
+    exc = driver_error(exc)
     if isinstance(exc, pymysql.err.ProgrammingError | pymysql.err.OperationalError):
         return bool(exc.args) and exc.args[0] in MYSQL_MISSING_SCHEMA
     if isinstance(exc, sqlite3.OperationalError):
@@ -275,7 +293,7 @@ DEADLOCK_CODES = {1213, 1205}
 def is_deadlock(exc: BaseException) -> bool:
     """A transient lock conflict worth one more try (a deadlock, a lock wait timeout, a Galera
     certification failure), not a database outage."""
-    exc = _driver_error(exc)
+    exc = driver_error(exc)
     return isinstance(exc, pymysql.err.OperationalError) and bool(exc.args) and exc.args[0] in DEADLOCK_CODES
 
 
@@ -288,7 +306,7 @@ async def retrying(work: Callable[[], Awaitable[T]], *, tries: int = 3) -> T:
             if attempt == tries - 1 or not is_deadlock(exc):
                 raise
             log.info("database conflict %s (a deadlock, or a Galera certification failure): trying again",
-                     _driver_error(exc).args[0])
+                     driver_error(exc).args[0])
             await asyncio.sleep(0.005 * (attempt + 1))
     raise AssertionError("unreachable")
 

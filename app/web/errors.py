@@ -13,7 +13,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from app.database import is_missing_schema, is_unavailable
+from app.database import driver_error, is_missing_schema, is_storage_full, is_unavailable
 from app.htmx import wants_fragment
 from app.templating import env, render
 
@@ -65,8 +65,15 @@ async def request_error(request: Request, exc: Exception) -> Response:
 
 def server_error(request: Request, exc: BaseException) -> Response:
     """503 when the database cannot be reached (it will be back: Retry-After), else 500."""
+    if is_storage_full(exc):
+        # Nothing of this request was written (the transaction rolled back whole); the customer
+        # is told to try again soon, the operator what to do.
+        log.error("the database's disk is full or failing (%s: %s): nothing was written; free space on it",
+                  getattr(driver_error(exc), "sqlite_errorname", None) or type(exc).__name__, exc)
+        return plain_error("errors/503.html", 503, request)
     if is_unavailable(exc):
-        log.error("database unavailable: %s", type(exc).__name__)
+        # SQLite's own name says more than the class (SQLITE_IOERR_WRITE, SQLITE_BUSY, ...).
+        log.error("database unavailable: %s", getattr(exc, "sqlite_errorname", None) or type(exc).__name__)
         return plain_error("errors/503.html", 503, request)
     if is_missing_schema(exc):
         log.error("the database lacks a table or column this version needs (%s): run `python -m app migrate`",

@@ -634,20 +634,28 @@ class AppProcess(_Process):
     def kill_worker(self, pid: int, timeout: float = 30.0) -> list[int]:
         """SIGKILL one worker; return the worker pids once the supervisor's replacement has started
         its app (one more "Application startup complete")."""
-        if pid not in self.worker_pids():
-            raise ValueError(f"{pid} is not a worker of this app (workers: {self.worker_pids()})")
+        return self.kill_workers([pid], timeout)
+
+    def kill_workers(self, pids: list[int], timeout: float = 30.0) -> list[int]:
+        """SIGKILL these workers at the same instant (none of them gets to finish what it was
+        doing while another is replaced); return the worker pids once every replacement started."""
+        live = self.worker_pids()
+        for pid in pids:
+            if pid not in live:
+                raise ValueError(f"{pid} is not a worker of this app (workers: {live})")
         started = self._log_since_start().count(STARTUP_LINE)
-        os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
-                raise ServerFailed(f"the uvicorn master exited after worker {pid} was killed:\n{self.log_tail()}")
+                raise ServerFailed(f"the uvicorn master exited after workers {pids} were killed:\n{self.log_tail()}")
             workers = self.worker_pids()
-            if (pid not in workers and len(workers) >= self.workers
-                    and self._log_since_start().count(STARTUP_LINE) > started):
+            if (not set(pids) & set(workers) and len(workers) >= self.workers
+                    and self._log_since_start().count(STARTUP_LINE) >= started + len(pids)):
                 return workers
             time.sleep(0.05)
-        raise ServerFailed(f"no replacement for worker {pid} within {timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerFailed(f"no replacement for workers {pids} within {timeout:.0f} s:\n{self.log_tail()}")
 
 
 # --- fixtures ----------------------------------------------------------------------------

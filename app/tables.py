@@ -150,6 +150,7 @@ auth_sessions = sa.Table(
     sa.Column("method", sa.String(16), nullable=False, server_default="password"),
     sa.Column("authenticated_at", UTCDateTime, nullable=True),
     sa.Index("ix_auth_sessions_customer", "customer_id", "revoked_at"),
+    sa.Index("ix_auth_sessions_last_seen", "last_seen_at"),  # the clean-up's range (migration 0007)
 )
 
 auth_events = sa.Table(
@@ -303,6 +304,7 @@ staff_sessions = sa.Table(
     sa.Column("user_agent", sa.String(255), nullable=False, server_default=""),
     sa.Column("revoked_at", UTCDateTime, nullable=True),
     sa.Index("ix_staff_sessions_staff", "staff_id", "revoked_at"),
+    sa.Index("ix_staff_sessions_last_seen", "last_seen_at"),
 )
 
 # Daily counts the funnel reads (kept by the clean-up task): per day, purpose, the recipient's

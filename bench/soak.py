@@ -43,14 +43,14 @@ EXPECTED_STATUS = {"200", "303"}
 MEANT_TO_GROW = {
     "auth_events": "the audit trail: rows for each password check, code sent, code verified and sign-out; "
                    "append-only by design (the console's audit view and the funnel's roll-up read it)",
-    "auth_sessions": "one row per sign-in; sign-out revokes it (revoked_at) but no clean-up deletes revoked or "
-                     "expired sessions (only deleting the account does): this grows for ever in production too",
+    "auth_sessions": "one row per sign-in; sign-out revokes it (revoked_at); the clean-up deletes sessions last "
+                     "seen 30 days ago (app/otp/cleanup.py HISTORY_KEPT): grows for the first 30 days, then flat",
     "customer_otp_verification": "one step per sign-in, kept until an hour (app/otp/cleanup.py GRACE) after it "
                                  "expires (OTP_LOGIN_TTL 600 s), then rolled up and deleted: grows for the first "
                                  "~70 minutes of steady traffic, then flat",
     "otp_codes": "one code per step, deleted with its step (as above)",
     "mail_outbox": "one row per code mail; its sealed payload is wiped, the row (who, when, delivered) is kept "
-                   "and never deleted",
+                   "30 days (HISTORY_KEPT), then deleted by the clean-up: grows for 30 days, then flat",
 }
 # One row per key the app has seen, forgotten after a day idle: at most this many per account used.
 BOUNDED = {

@@ -634,6 +634,33 @@ async def test_cleanup_deletes_finished_codes_and_keeps_counts(server: Running, 
     assert all(p.payload is None for p in payloads)
 
 
+async def test_cleanup_forgets_sessions_and_settled_mail_after_30_days_not_before(
+    server: Running, smtp: Capture, clock: FixedClock
+) -> None:
+    """The soak found auth_sessions and mail_outbox only growing: ended sessions and settled mail
+    go after HISTORY_KEPT (30 days); a live session and mail still queued stay."""
+    from app.otp.cleanup import HISTORY_KEPT, cleanup
+
+    db = server.services.db
+    async with server.client() as c:
+        await registered(c, smtp)  # a session, and a sent code mail
+    count = sa.select(sa.func.count())
+    assert await db.fetch_val(count.select_from(auth_sessions)) == 1
+    assert await db.fetch_val(count.select_from(mail_outbox)) == 1
+    clock.advance((HISTORY_KEPT - timedelta(hours=1)).total_seconds())
+    async with server.client() as c:
+        await registered(c, smtp, username="later", email="later@example.com")  # seen just now
+    await cleanup(db, now=clock.now())
+    assert await db.fetch_val(count.select_from(auth_sessions)) == 2, "nothing is forgotten before 30 days"
+    assert await db.fetch_val(count.select_from(mail_outbox)) == 2
+    clock.advance(2 * 3600)
+    await cleanup(db, now=clock.now())
+    emails = {r.recipient for r in await db.fetch_all(sa.select(mail_outbox.c.recipient))}
+    assert emails == {"later@example.com"}
+    assert await db.fetch_val(count.select_from(auth_sessions)) == 1
+    assert await db.fetch_val(count.select_from(customers)) == 2  # customers are never touched
+
+
 async def test_max_attempts_is_a_setting(server: Running, smtp: Capture, settings: object, clock: FixedClock) -> None:
     from tests.conftest import running
 

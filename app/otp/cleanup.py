@@ -13,9 +13,19 @@ from databases import Database
 from app import sql
 from app.factors import devices, passkeys, totp
 from app.mail import outbox
+from app.mail.outbox import MailStatus
 from app.otp.engine import Kind
 from app.staff import analytics
-from app.tables import mail_throttle, otp_codes, otp_ledgers, otp_stats, otp_verification
+from app.tables import (
+    auth_sessions,
+    mail_outbox,
+    mail_throttle,
+    otp_codes,
+    otp_ledgers,
+    otp_stats,
+    otp_verification,
+    staff_sessions,
+)
 
 if TYPE_CHECKING:
     from app.services import Services
@@ -51,7 +61,10 @@ async def cleanup(db: Database, *, now: datetime, sent_kept: bool = False) -> in
     await passkeys.forget_challenges(db, now)
     await devices.forget_expired(db, now)
     await totp.forget_unconfirmed(db, now)
+    await forget_history(db, now=now)
     return deleted
+
+
 
 
 _FORGET_LEDGERS = sql.Query(
@@ -131,3 +144,49 @@ async def run_cleanup_forever(services: Services) -> None:
                 log.info("otp cleanup deleted=%d", n)
         except Exception as exc:
             log.warning("otp cleanup failed: %s", type(exc).__name__)
+
+
+# Sessions last seen and mail settled this long ago are deleted: every session has ended by
+# then (SESSION_IDLE_TIMEOUT, SESSION_ABSOLUTE_TIMEOUT), and a mail's fate is in the audit and
+# the funnel's daily counts. Without this, both tables only grow (the soak in bench/README.md).
+HISTORY_KEPT = timedelta(days=30)
+SETTLED_MAIL = (MailStatus.SENT, MailStatus.FAILED, MailStatus.EXPIRED, MailStatus.CANCELLED)
+_OLD_SESSIONS = sql.Query(
+    sa.select(auth_sessions.c.id).where(auth_sessions.c.last_seen_at < sa.bindparam("cutoff")).limit(BATCH))
+_OLD_STAFF_SESSIONS = sql.Query(
+    sa.select(staff_sessions.c.id).where(staff_sessions.c.last_seen_at < sa.bindparam("cutoff")).limit(BATCH))
+# One status at a time: each a range on the outbox's (status, next_attempt_at) index.
+_OLD_MAIL = sql.Query(
+    sa.select(mail_outbox.c.id)
+    .where(mail_outbox.c.status == sa.bindparam("status"), mail_outbox.c.next_attempt_at < sa.bindparam("cutoff"))
+    .limit(BATCH))
+
+
+def _delete_by_id(table: sa.Table) -> sql.Query:
+    return sql.Query(table.delete().where(table.c.id.in_([sa.bindparam(f"id{i}") for i in range(DELETE_CHUNK)])))
+
+
+_DELETE_SESSIONS = _delete_by_id(auth_sessions)
+_DELETE_STAFF_SESSIONS = _delete_by_id(staff_sessions)
+_DELETE_MAIL = _delete_by_id(mail_outbox)
+
+
+async def forget_history(db: Database, *, now: datetime, kept: timedelta = HISTORY_KEPT) -> int:
+    """Delete sessions last seen, and mail settled, more than `kept` ago, in batches. Returns
+    how many rows went."""
+    cutoff, gone = now - kept, 0
+    work: list[tuple[sql.Query, sql.Query, dict[str, str]]] = [
+        (_OLD_SESSIONS, _DELETE_SESSIONS, {}), (_OLD_STAFF_SESSIONS, _DELETE_STAFF_SESSIONS, {}),
+        *((_OLD_MAIL, _DELETE_MAIL, {"status": s.value}) for s in SETTLED_MAIL),
+    ]
+    for find, delete, params in work:
+        while True:
+            ids = [r.id for r in await sql.fetch_all(db, find, cutoff=cutoff, **params)]
+            for i in range(0, len(ids), DELETE_CHUNK):
+                chunk = ids[i : i + DELETE_CHUNK]
+                chunk += [chunk[-1]] * (DELETE_CHUNK - len(chunk))
+                await sql.execute(db, delete, **{f"id{j}": v for j, v in enumerate(chunk)})
+            gone += len(ids)
+            if len(ids) < BATCH:
+                break
+    return gone

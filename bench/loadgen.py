@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -354,7 +355,9 @@ async def amain(cfg: dict[str, Any]) -> dict[str, Any]:
     return await Generator(cfg).run()
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None) -> int:
+    """Read the config (argv[0]), run the generator (`amain`, or `run`) on uvloop when it is
+    installed, write the result (argv[1])."""
     with open(argv[0]) as f:
         cfg = json.load(f)
     try:
@@ -364,7 +367,7 @@ def main(argv: list[str]) -> int:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        result = runner.run(amain(cfg))
+        result = runner.run((run or amain)(cfg))
     with open(argv[1], "w") as f:
         json.dump(result, f, indent=1)
     return 0

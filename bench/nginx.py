@@ -49,7 +49,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from bench import dbtools
+from bench import dbtools, loadgen
 from bench.common import CLK_TCK, REPO, free_port, set_tag
 from bench.http11 import Connection, _Wire
 from bench.loadgen import Generator
@@ -188,19 +188,7 @@ async def _amain(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def generator_main(argv: list[str]) -> int:
-    with open(argv[0]) as f:
-        cfg = json.load(f)
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        result = runner.run(_amain(cfg))
-    with open(argv[1], "w") as f:
-        json.dump(result, f, indent=1)
-    return 0
+    return loadgen.main(argv, _amain)
 
 
 # --- the stack --------------------------------------------------------------------------------

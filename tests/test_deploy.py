@@ -46,17 +46,22 @@ CI = os.environ.get("CI") == "true"
 pytestmark = pytest.mark.slow  # each module starts a whole stack (about 10 s)
 
 
-def load_stack() -> ModuleType:
-    """deploy/stack is a script and a module: its helpers, without running it."""
-    if "computer_shop_stack" in sys.modules:  # e2e/test_through_nginx.py loads it too
-        return sys.modules["computer_shop_stack"]
-    loader = SourceFileLoader("computer_shop_stack", str(DEPLOY / "stack"))
+def load_script(name: str) -> ModuleType:
+    """deploy/stack and deploy/galera are scripts and modules: their helpers, without running them."""
+    module_name = f"computer_shop_{name}"
+    if module_name in sys.modules:  # e2e/test_through_nginx.py loads deploy/stack too
+        return sys.modules[module_name]
+    loader = SourceFileLoader(module_name, str(DEPLOY / name))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[loader.name] = module
     loader.exec_module(module)
     return module
+
+
+def load_stack() -> ModuleType:
+    return load_script("stack")
 
 
 stack_tool = load_stack()

@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import re
 import secrets
 import signal
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from importlib.machinery import SourceFileLoader
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -39,6 +35,7 @@ from app.database import FailoverDatabase, is_deadlock, is_unavailable, make_dat
 from app.settings import Settings, SettingsError, load_settings, parse_nodes
 from tests.conftest import PASSWORD, code_in, create_mysql_database, drop_mysql_database, mysql_url
 from tests.faults import AppProcess, OwnSmtp, free_port
+from tests.test_deploy import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 CI = os.environ.get("CI") == "true"
@@ -47,20 +44,7 @@ CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 RETRIED = "database conflict 1213"  # app.database.retrying's log line
 
 
-def load_galera() -> ModuleType:
-    """deploy/galera is a script and a module."""
-    if "computer_shop_galera" in sys.modules:
-        return sys.modules["computer_shop_galera"]
-    loader = SourceFileLoader("computer_shop_galera", str(REPO / "deploy" / "galera"))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
-
-
-galera = load_galera()
+galera = load_script("galera")
 
 
 # --- without a cluster (the normal suite) ------------------------------------------------------

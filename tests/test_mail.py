@@ -189,6 +189,31 @@ async def test_a_code_mail_is_retried_past_the_try_limit_until_its_code_expires(
     assert any(r.levelname == "WARNING" and "mail expired" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_server_that_accepts_but_answers_late_gets_a_code_mail_twice_at_most(
+    settings: Settings, smtp: Capture, clock: FixedClock
+) -> None:
+    """Each send is cut off after the message went over (the server holds it, then answers too
+    late), so each try may be a copy in the customer's inbox: one more try, then given up, not a
+    copy every 10 s until the code expires (the security review of issue 19)."""
+    smtp.delay = 2.5  # after DATA: longer than the send's cut-off (2 x SMTP_TIMEOUT = 1 s)
+    handed_over: list[int] = []
+    smtp.on_data = lambda: handed_over.append(1)  # the whole message reached the server
+    async with running(with_(settings, smtp_port=smtp.port, smtp_timeout=0.5), clock) as server:
+        svc = server.services
+        await outbox.enqueue(svc.db, svc.sealer, kind="login_code", recipient="slow@example.com", now=clock.now(),
+                             context={"name": "x", "code": "123456", "minutes": 10},
+                             expires_at=clock.now() + timedelta(seconds=600))
+        for _ in range(10):
+            await svc.mailer.drain()
+            row = await svc.db.fetch_one(sa.select(mail_outbox))
+            if row.status != "queued":
+                break
+            clock.advance(CODE_BACKOFF_CAP)
+        assert row.status == "failed" and row.tries == 2, row
+        assert "maybe delivered" in row.last_error and "not sent again" in row.last_error
+    assert len(handed_over) == 2, "one copy per try the server may keep: two, not one every 10 s"
+
+
 async def test_two_dispatchers_on_one_database_send_every_message_exactly_once(
     settings: Settings, smtp: Capture
 ) -> None:

@@ -29,6 +29,9 @@ BUSY_POLL_SECONDS = 0.2  # for a while after mail went out: another worker may h
 BUSY_FOR_SECONDS = 10.0
 CODE_BACKOFF_CAP = 10  # seconds: a customer is waiting for a code mail
 MARK_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0)
+# A send cut off while the message was being handed over (the server may have it already) is
+# tried once more; cut off again, the mail is given up rather than sent every 10 s.
+MAYBE_SENT = "maybe delivered: "
 
 
 def backoff(tries: int, *, code: bool = False) -> int:
@@ -191,8 +194,11 @@ class Dispatcher:
         try:
             email = self._build(message)
             await asyncio.wait_for(self.transport.send(email), self.send_timeout)
-        except (TransientError, TimeoutError) as exc:
-            await self._failed(message, str(exc) or type(exc).__name__, transient=True)
+        except TransientError as exc:
+            await self._failed(message, str(exc), transient=True, maybe_sent=exc.maybe_sent)
+            return
+        except TimeoutError:  # cut off at send_timeout, wherever it was: maybe handed over
+            await self._failed(message, "TimeoutError", transient=True, maybe_sent=True)
             return
         except (PermanentError, ValueError) as exc:
             await self._failed(message, str(exc), transient=False)
@@ -224,7 +230,7 @@ class Dispatcher:
                             message.id, status.value, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
 
-    async def _failed(self, message: outbox.Queued, error: str, *, transient: bool) -> None:
+    async def _failed(self, message: outbox.Queued, error: str, *, transient: bool, maybe_sent: bool = False) -> None:
         now = self.clock.now()
         if self.console is not None:
             # Development: the newcomer without a mail server still gets the code.
@@ -233,7 +239,15 @@ class Dispatcher:
                                keep_sent=self.keep_sent)
             return
         retry_at = now + timedelta(seconds=backoff(message.tries, code=message.is_code))
-        if transient and message.expires_at is not None:
+        if maybe_sent:
+            error = MAYBE_SENT + error
+        if transient and maybe_sent and (message.last_error or "").startswith(MAYBE_SENT):
+            # Twice in a row the send was cut off while handing the message over, so the server
+            # may hold a copy of each: a relay that accepts but answers late must not get the same
+            # code mail every 10 s until it expires.
+            await self._record(message, MailStatus.FAILED, error=f"{error}; not sent again")
+            self._event("failed", message, error)
+        elif transient and message.expires_at is not None:
             # A mail with a code is worth sending for as long as its code works, however many
             # tries that takes (the mail server may be down for minutes while the customer waits);
             # once the code would be dead by the next try, it is never sent.

@@ -64,6 +64,7 @@ class Queued:
     context: dict[str, Any]
     tries: int
     expires_at: datetime | None
+    last_error: str | None = None  # how the previous try failed
 
     @property
     def is_code(self) -> bool:
@@ -111,7 +112,7 @@ _DUE = sa.or_(
 )
 _ov = otp_verification
 _SELECT_DUE = sql.Query(
-    sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at, o.c.status,
+    sa.select(o.c.id, o.c.kind, o.c.recipient, o.c.payload, o.c.tries, o.c.expires_at, o.c.status, o.c.last_error,
               # A code mail whose code was used or replaced meanwhile is not worth sending.
               sa.or_(_ov.c.used_at.is_not(None), _ov.c.invalidated_at.is_not(None)).label("code_done"))
     .select_from(o.outerjoin(_ov, _ov.c.id == o.c.challenge_id))
@@ -154,7 +155,7 @@ async def due(db: Database, sealer: Sealer, *, now: datetime, limit: int) -> Due
             continue
         if r.status == MailStatus.SENDING.value:
             found.taken_over.append(r.id)
-        found.ready.append(Queued(r.id, r.kind, r.recipient, context, r.tries + 1, r.expires_at))
+        found.ready.append(Queued(r.id, r.kind, r.recipient, context, r.tries + 1, r.expires_at, r.last_error))
     return found
 
 

@@ -16,7 +16,13 @@ log = logging.getLogger("app.mail")
 
 
 class TransientError(Exception):
-    """Worth retrying later: connection refused, timeout, a 4xx reply."""
+    """Worth retrying later: connection refused, timeout, a 4xx reply. `maybe_sent`: the
+    connection was lost or timed out while the message was being handed over, so the server may
+    have it (and would deliver a second copy of a retry)."""
+
+    def __init__(self, message: str, *, maybe_sent: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_sent = maybe_sent
 
 
 class PermanentError(Exception):
@@ -110,23 +116,28 @@ class SmtpTransport:
 
     async def _send(self, message: Mail) -> None:
         client = self._idle.pop()[0] if self._idle else None
+        handing_over = False  # connected: from here a lost connection may have delivered it
         try:
             if client is None or not client.is_connected:
                 client = await self._connect()
             try:
+                handing_over = True
                 await _sendmail(client, message)
             except aiosmtplib.SMTPServerDisconnected:
                 # A pooled connection the server closed while idle: one fresh try.
+                handing_over = False
                 client = await self._connect()
+                handing_over = True
                 await _sendmail(client, message)
         except aiosmtplib.SMTPResponseException as exc:
+            # The server answered: a refusal is a refusal, nothing was accepted.
             await _quit(client)
             if 400 <= exc.code < 500:
                 raise TransientError(f"SMTP {exc.code}: {exc.message}") from None
             raise PermanentError(f"SMTP {exc.code}: {exc.message}") from None
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             await _quit(client)
-            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+            raise TransientError(f"{type(exc).__name__}: {exc}", maybe_sent=handing_over) from None
         self._idle.append((client, time.monotonic()))
 
     async def prune(self) -> int:

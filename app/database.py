@@ -97,6 +97,12 @@ class FailoverPool(aiomysql.Pool):
                         await cur.execute("SHOW GLOBAL STATUS LIKE 'wsrep_ready'")
                         row = await cur.fetchone()
                         ready = row is not None and str(row[1]).upper() == "ON"
+                        if ready:
+                            # Reads wait until this node has applied what the cluster committed
+                            # before them: a session revoked or a step written through another
+                            # node is seen here at once (pools of different workers may be on
+                            # different nodes after a fail-over).
+                            await cur.execute("SET SESSION wsrep_sync_wait = 1")
                 if not ready:
                     conn.close()
                     raise pymysql.err.OperationalError(NOT_PRIMARY, "wsrep_ready is OFF: this node is not "
@@ -131,6 +137,11 @@ class FailoverPool(aiomysql.Pool):
             self._acquiring -= 1
 
 
+# With DATABASE_FAILOVER, a statement with no answer in this time fails its node (every statement
+# of this app takes milliseconds; migrations run apart, through Alembic).
+QUERY_TIMEOUT = 15.0
+
+
 class _WatchedConnection(aiomysql.Connection):
     """Tells its pool when a statement finds its node out of the cluster (1047), and closes itself
     (the pool drops closed connections)."""
@@ -141,7 +152,14 @@ class _WatchedConnection(aiomysql.Connection):
 
     async def query(self, sql: str, unbuffered: bool = False) -> int:
         try:
-            return int(await super().query(sql, unbuffered))
+            return int(await asyncio.wait_for(super().query(sql, unbuffered), QUERY_TIMEOUT))
+        except TimeoutError:
+            # A node that took the connection but stopped answering (frozen, cut off by the
+            # network) would otherwise hold this request, then the whole pool, until TCP gives up.
+            self.close()
+            self._failover_pool.node_failed((self.host, self.port), "no answer")
+            raise pymysql.err.OperationalError(2013, f"no answer from {self.host}:{self.port} within "
+                                                     f"{QUERY_TIMEOUT:.0f} s") from None
         except pymysql.err.OperationalError as exc:
             if exc.args and exc.args[0] == NOT_PRIMARY:
                 self.close()

@@ -34,7 +34,7 @@ import sqlalchemy.exc
 from app.database import FailoverDatabase, is_deadlock, is_unavailable, make_database, transact
 from app.settings import Settings, SettingsError, load_settings, parse_nodes
 from tests.conftest import PASSWORD, code_in, create_mysql_database, drop_mysql_database, mysql_url
-from tests.faults import AppProcess, OwnSmtp, free_port
+from tests.faults import AppProcess, OwnMariaDB, OwnSmtp, free_port, own_mariadb_fixture  # noqa: F401  (fixture)
 from tests.test_deploy import load_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,6 +106,45 @@ def test_a_refused_node_is_passed_over_for_the_next(mysql_db: str) -> None:
             pool = db._backend._pool
             assert pool.node == (host, int(port)) and pool.current == 1
         finally:
+            await db.disconnect()
+
+    asyncio.run(run())
+
+
+def test_a_node_that_stops_answering_is_left_for_the_next(
+    mysql_db: str, own_mariadb: OwnMariaDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that keeps its connections but answers nothing (here: the test's own MariaDB,
+    stopped with SIGSTOP) fails its statement after QUERY_TIMEOUT and the pool moves on, instead
+    of every request waiting until TCP gives up (security review of issue 19)."""
+    import app.database
+
+    monkeypatch.setattr(app.database, "QUERY_TIMEOUT", 2.0)
+    server = _server()
+    with contextlib.closing(own_mariadb.connect()) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{mysql_db}`")
+        cur.execute("CREATE USER %s@'127.0.0.1' IDENTIFIED BY %s", (server["user"], server["password"]))
+        cur.execute(f"GRANT ALL ON `{mysql_db}`.* TO %s@'127.0.0.1'", (server["user"],))
+    frozen = mysql_url(mysql_db).replace(f"@{server['host']}:{server['port']}/", f"@127.0.0.1:{own_mariadb.port}/")
+    settings = Settings(app_env="test", secret_key="k" * 32, database_url=frozen,
+                        database_failover=((server["host"], int(server["port"])),))
+    pid = own_mariadb.pid
+    assert pid is not None
+
+    async def run() -> None:
+        db = make_database(settings)
+        await db.connect()
+        try:
+            assert await db.fetch_val("SELECT @@port") == own_mariadb.port
+            os.kill(pid, signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(Exception) as failed:
+                await asyncio.wait_for(db.fetch_val("SELECT 1"), 10)  # without the timeout: TCP's minutes
+            assert is_unavailable(failed.value) and time.monotonic() - started < 5
+            assert await asyncio.wait_for(db.fetch_val("SELECT @@port"), 10) == int(server["port"])
+            assert db._backend._pool.current == 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
             await db.disconnect()
 
     asyncio.run(run())

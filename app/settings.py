@@ -17,6 +17,9 @@ SMTP_SECURITY = ("none", "starttls", "tls")
 DEV_KEY_FILE = Path(".dev-secret-key")
 
 
+SESSION_LONGEST = 30 * 24 * 3600  # seconds: no session outlives the clean-up's 30 days of history
+
+
 class SettingsError(ValueError):
     """The configuration cannot be used; the message says what to change."""
 
@@ -101,6 +104,10 @@ class Settings:
                                 "(plain HTTP is redirected there, and mail links point to it)")
         if self.trusted_device_days < 0 or self.reauth_minutes <= 0:
             raise SettingsError("TRUSTED_DEVICE_DAYS must be 0 or more, REAUTH_MINUTES positive")
+        if not 0 < self.session_idle_timeout <= self.session_absolute_timeout <= SESSION_LONGEST:
+            # The clean-up forgets sessions last seen 30 days ago (app/otp/cleanup.py HISTORY_KEPT).
+            raise SettingsError("SESSION_IDLE_TIMEOUT must be positive and at most SESSION_ABSOLUTE_TIMEOUT, "
+                                f"which is at most {SESSION_LONGEST} s (30 days)")
         for name in ("otp_registration_ttl", "otp_login_ttl", "otp_max_attempts", "session_idle_timeout"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name.upper()} must be positive")

@@ -485,6 +485,11 @@ def test_nginx_conf_for_a_server_passes_nginx_t(tmp_path: Path) -> None:
     assert "server 127.0.0.1:8001 max_fails=1 fail_timeout=10s;" in site
     assert "listen 443 ssl http2;" in site and "listen 80;" in site
     assert "proxy_next_upstream error timeout non_idempotent;" in site
+    # A POST that timed out is never sent to the other instance: the window for trying another
+    # closes before the first could time out.
+    seconds = {name: int(v) for name, v in re.findall(r"(proxy_next_upstream_timeout|proxy_read_timeout|"
+                                                       r"proxy_send_timeout) (\d+)s;", site)}
+    assert seconds["proxy_next_upstream_timeout"] < min(seconds["proxy_read_timeout"], seconds["proxy_send_timeout"])
     assert "error_page 502 504 =503 $computer_shop_unavailable;" in site
     (tmp_path / "site.conf").write_text(site)
     (tmp_path / "nginx" / "tmp").mkdir(parents=True)

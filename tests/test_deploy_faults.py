@@ -160,7 +160,8 @@ def test_with_no_instance_left_the_shop_says_back_in_a_moment_not_nginx(own_stac
         assert page.status_code == 503 and page.headers.get("retry-after") == "10"
         assert UNAVAILABLE in page.text and "nginx" not in page.text.lower() and "Bad Gateway" not in page.text
         assert '<link rel="stylesheet" href="/static/app.css">' in page.text
-        assert page.headers.get("cache-control") == "no-store"
+        assert page.headers.get("cache-control") == "no-store" and page.headers.get("vary") == "HX-Request"
+        assert page.headers.get("x-frame-options") == "DENY"
         assert "default-src 'none'" in page.headers.get("content-security-policy", "")
 
         # A form sent with HTMX gets the card for #main, not a whole page inside the page.

@@ -661,6 +661,16 @@ async def test_cleanup_forgets_sessions_and_settled_mail_after_30_days_not_befor
     assert await db.fetch_val(count.select_from(customers)) == 2  # customers are never touched
 
 
+def test_a_session_cannot_outlive_the_history_the_clean_up_keeps() -> None:
+    from app.settings import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="SESSION_ABSOLUTE_TIMEOUT"):
+        Settings(secret_key="k" * 32, session_absolute_timeout=31 * 24 * 3600)
+    with pytest.raises(SettingsError, match="SESSION_IDLE_TIMEOUT"):
+        Settings(secret_key="k" * 32, session_idle_timeout=50000, session_absolute_timeout=43200)
+    Settings(secret_key="k" * 32, session_idle_timeout=3600, session_absolute_timeout=30 * 24 * 3600)
+
+
 async def test_max_attempts_is_a_setting(server: Running, smtp: Capture, settings: object, clock: FixedClock) -> None:
     from tests.conftest import running
 

@@ -66,10 +66,12 @@ async def request_error(request: Request, exc: Exception) -> Response:
 def server_error(request: Request, exc: BaseException) -> Response:
     """503 when the database cannot be reached (it will be back: Retry-After), else 500."""
     if is_storage_full(exc):
-        # Nothing of this request was written (the transaction rolled back whole); the customer
-        # is told to try again soon, the operator what to do.
-        log.error("the database's disk is full or failing (%s: %s): nothing was written; free space on it",
-                  getattr(driver_error(exc), "sqlite_errorname", None) or type(exc).__name__, exc)
+        # The failed transaction rolled back whole; the customer is told to try again soon, the
+        # operator what to do. Only the error's name: its text may quote the statement.
+        driver = driver_error(exc)
+        name = getattr(driver, "sqlite_errorname", None) or (driver.args[0] if driver.args else type(exc).__name__)
+        log.error("the database's disk is full or failing (%s): the write failed and was rolled back; "
+                  "free space on it", name)
         return plain_error("errors/503.html", 503, request)
     if is_unavailable(exc):
         # SQLite's own name says more than the class (SQLITE_IOERR_WRITE, SQLITE_BUSY, ...).

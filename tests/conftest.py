@@ -152,6 +152,7 @@ class Capture:
     stall_rcpt: float = 0.0
     stalled: threading.Event = field(default_factory=threading.Event)
     on_data: Any = None
+    arrived: list[str] = field(default_factory=list)
 
     async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: Any) -> str:
         if self.stall_rcpt:
@@ -161,6 +162,8 @@ class Capture:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.arrived.extend(envelope.rcpt_tos)  # every message that reached us, kept or not
         if self.on_data is not None:
             self.on_data()
         if self.delay:
@@ -178,6 +181,7 @@ class Capture:
         with self.lock:
             self.messages.clear()
         self.delay, self.reply, self.stall_rcpt, self.on_data = 0.0, "250 OK", 0.0, None
+        self.arrived.clear()
         self.stalled.clear()
 
     def to(self, address: str) -> list[EmailMessage]:

@@ -16,7 +16,10 @@ from e2e.pages import NEW_CODE_NOTICE, DashboardPage, LoginPage, RegisterPage, V
 # Regular expressions see the text as it is (to_have_text does not squeeze it for them).
 # Locked: the time in the same sentence; with JavaScript in the customer's own clock
 # ("until 16:40"), without it in words ("for 1 more minute").
-LOCKED = re.compile(r"^\s*Too many wrong codes\.\s+For your safety, codes are paused\s+(until (\d{2}:\d{2})|until [^.]+|for [^.]+)\."
+# "until 14:05", or with the day when the lock ends on another day in the customer's time zone
+# ("until 29 Nov 2026, 00:17"), or "for ..." without JavaScript's clock.
+LOCKED = re.compile(r"^\s*Too many wrong codes\.\s+For your safety, codes are paused\s+"
+                    r"(until (?:(\d{1,2} [A-Z][a-z]{2} \d{4}), )?(\d{2}:\d{2})|until [^.]+|for [^.]+)\."
                     r"\s+You can enter a code again after that\.\s*$", re.S)
 EXPIRED = re.compile(r"^\s*This code has expired\.\s+(Request a new one\.\s+)?Press “Resend code” for a new one\.\s*$")
 
@@ -79,11 +82,15 @@ def test_lockout_ends_at_the_time_it_states(new_context: Any, customer: Customer
     after = clock.now()
 
     shown = LOCKED.match(verify.alert.inner_text())
-    assert shown is not None and shown.group(2), verify.alert.inner_text()
+    assert shown is not None and shown.group(3), verify.alert.inner_text()
     first_lock = timedelta(seconds=60)  # OTP lockout schedule: 60 s, then 5, 15, 60 minutes
     india = timezone(timedelta(hours=5, minutes=30))
-    allowed = {(t + first_lock).astimezone(india).strftime("%H:%M") for t in (before, after)}
-    assert shown.group(2) in allowed, f"locked until {shown.group(2)}, expected one of {allowed} (Indian time)"
+    ends = [(t + first_lock).astimezone(india) for t in (before, after)]
+    allowed = {t.strftime("%H:%M") for t in ends}
+    assert shown.group(3) in allowed, f"locked until {shown.group(3)}, expected one of {allowed} (Indian time)"
+    if shown.group(2):  # the day is named only when it is not today there
+        days = {f"{t.day} {t.strftime('%b %Y')}" for t in ends}
+        assert shown.group(2) in days, shown.group(0)
     expect(verify.code).to_be_disabled()
     expect(verify.verify_button).to_be_disabled()
 

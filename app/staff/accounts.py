@@ -267,6 +267,10 @@ async def _attempt(db: Database, keys: FactorKeys, row: Any, code: str, now: dat
 
 async def _wrong(db: Database, staff_id: int, now: datetime) -> CodeResult:
     counts = await sql.fetch_one(db, _FAILURES, sid=staff_id)
+    if counts is not None and counts.locked_until is not None and counts.locked_until > now:
+        # A concurrent attempt past the budget locked the account (and set the count back to 0)
+        # between this attempt's count and this read: locked, not "5 attempts left".
+        return CodeResult(CodeVerdict.LOCKED, locked_until=counts.locked_until)
     failures = counts.failures if counts is not None else MAX_FAILURES
     if failures >= MAX_FAILURES:
         return await _lock(db, staff_id, now)

@@ -135,20 +135,40 @@ def test_killing_one_instance_mid_sign_in_loses_nothing(own_stack: Any) -> None:
         r = http.post("/login", data={"login": username, "password": PASSWORD,
                                       "csrf_token": csrf(http.get("/login").text)})
         assert r.headers.get("location") == "/verify", r.text[:300]
-        mail = wait_for_mail(stack, email, before)
+        wait_for_mail(stack, email, before)
         step = http.get("/verify")
         assert step.status_code == 200
+        # The mail whose subject carries the tag the step shows (never an earlier one).
+        tag = re.search(r'class="tag">([A-Z0-9]{3})<', step.text)
+        assert tag, step.text[-2000:]
+        mail = wait_for(lambda: [m for m in stack.mail(email) if f"({tag.group(1)})" in str(m["Subject"])], 15)[-1]
+        code = code_in(mail.get_body(preferencelist=("plain",)).get_content())
+        # Between two steps of the flow: the code is out and its sending recorded, not yet entered.
+        wait_for(lambda: all(r["status"] == "sent" for r in outbox_rows(stack) if r["recipient"] == email), 15)
 
-        killed = kill_instance(stack, "app-1")  # mid-flow: the code is out, not yet entered
+        killed = kill_instance(stack, "app-1")
 
-        r = http.post("/verify", data={"code": code_in(mail), "csrf_token": csrf(step.text)})
-        assert (r.status_code, r.headers.get("location")) == (303, "/dashboard"), r.text[:500]
+        r = http.post("/verify", data={"code": code, "csrf_token": csrf(step.text)})
+        assert (r.status_code, r.headers.get("location")) == (303, "/dashboard"), _explain(stack, email, code, r)
         for _ in range(6):  # every following request lands on the live instance
             assert http.get("/dashboard").status_code == 200
     time.sleep(1.0)
     assert len(stack.mail(email)) == before + 1, "exactly one sign-in code mail"
     assert killed and "app-2" in {p["name"] for p in stack.state["processes"]}
     assert " 502 " not in stack.log("nginx-access").split("POST /verify")[-1].splitlines()[0]
+
+
+def _explain(stack: Any, email: str, code: str, response: httpx.Response) -> str:
+    """What a failure needs to be understood: the answer, every mail, the outbox, the logs."""
+    lines = [f"entered {code}; answer {response.status_code}: "
+             + re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", response.text))[-600:]]
+    for m in stack.mail(email):
+        lines.append(f"mail {m['Subject']} {m['Date']} code {code_in(m.get_body(preferencelist=('plain',)).get_content())}")
+    lines += [str(r) for r in outbox_rows(stack)]
+    lines.append(stack.log("nginx-access")[-2000:])
+    for name in ("app-1", "app-2"):
+        lines.append(name + ":\n" + "\n".join(x for x in stack.log(name).splitlines() if "alembic" not in x)[-3000:])
+    return "\n".join(lines)
 
 
 def test_with_no_instance_left_the_shop_says_back_in_a_moment_not_nginx(own_stack: Any) -> None:

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -355,7 +355,7 @@ async def amain(cfg: dict[str, Any]) -> dict[str, Any]:
     return await Generator(cfg).run()
 
 
-def main(argv: list[str], run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None) -> int:
+def main(argv: list[str], run: Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]] | None = None) -> int:
     """Read the config (argv[0]), run the generator (`amain`, or `run`) on uvloop when it is
     installed, write the result (argv[1])."""
     with open(argv[0]) as f:

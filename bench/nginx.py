@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.machinery import SourceFileLoader
 from pathlib import Path
@@ -477,20 +478,25 @@ def write(R: dict[str, Any], out: Path, prefix: str, md: str) -> list[Path]:
     return paths
 
 
-def main(args: Any) -> int:
+def run_and_report(args: Any, mode: str, prefix: str, run: Callable[[Any], dict[str, Any]],
+                   markdown: Callable[[dict[str, Any]], str], verdict: Callable[[dict[str, Any]], str]) -> int:
+    """One bench mode of the stack: run it, write its results, print the verdict. Exit 3: this
+    machine lacks something; 2: it could not run; 1: a target missed (unless --allow-errors)."""
     try:
         R = run(args)
     except Exception as exc:
-        log(f"bench --through-nginx could not run: {type(exc).__name__}: {exc}")
+        log(f"bench {mode} could not run: {type(exc).__name__}: {exc}")
         traceback.print_exc()
         return 3 if type(exc).__name__ == "Unavailable" else 2
-    for p in write(R, args.out, "nginx", markdown(R)):
+    for p in write(R, args.out, prefix, markdown(R)):
         log(f"wrote {p.relative_to(REPO) if p.is_relative_to(REPO) else p}")
     line = verdict(R)
     print(line, flush=True)
-    if " OK:" not in line and not args.allow_errors:
-        return 1
-    return 0
+    return 0 if " OK:" in line or args.allow_errors else 1
+
+
+def main(args: Any) -> int:
+    return run_and_report(args, "--through-nginx", "nginx", run, markdown, verdict)
 
 
 def _git_rev() -> str | None:

@@ -28,14 +28,13 @@ import json
 import os
 import re
 import time
-import traceback
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, status_field
-from bench.nginx import Stack, _f, _git_rev, log, run_generator, write
+from bench.nginx import Stack, _f, _git_rev, log, run_and_report, run_generator
 
 RSS_TOLERANCE = 0.10
 SAMPLE_S = 10.0
@@ -254,14 +253,4 @@ def verdict(R: dict[str, Any]) -> str:
 
 
 def main(args: Any) -> int:
-    try:
-        R = run(args)
-    except Exception as exc:
-        log(f"bench --soak could not run: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        return 3 if type(exc).__name__ == "Unavailable" else 2
-    for p in write(R, args.out, "soak", markdown(R)):
-        log(f"wrote {p.relative_to(REPO) if p.is_relative_to(REPO) else p}")
-    line = verdict(R)
-    print(line, flush=True)
-    return 0 if " OK:" in line or args.allow_errors else 1
+    return run_and_report(args, "--soak", "soak", run, markdown, verdict)
